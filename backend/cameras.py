@@ -1,0 +1,174 @@
+"""Cameras: the one convention conversion, rays, Plücker coordinates, projection, canonical box.
+
+Conventions (DESIGN §3), written here once:
+- World is Blender's: right-handed, Z up, metres.
+- Bundles carry camera-to-world matrices in the OpenGL convention (camera looks down -Z, Y up).
+  Inside the backend every camera is in the OpenCV convention (looks down +Z, Y down);
+  `opengl_to_opencv` is the only place that converts.
+- Intrinsics are (fx, fy, cx, cy) in pixels on a continuous image plane spanning [0, W] x [0, H]
+  with row 0 at the top; the centre of pixel (i, j) is at (j + 0.5, i + 0.5) (nerfstudio's rule).
+- Plücker coordinates of a ray with origin o and unit direction d are (d, o x d).
+- The canonical box is [-1, 1]^3: canonical = (world - centre) * scale, with one uniform scale so
+  SDF values and angles survive the mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Negating the camera's Y and Z axes turns an OpenGL camera into an OpenCV one and back.
+_GL_CV_FLIP = torch.tensor([1.0, -1.0, -1.0, 1.0])
+
+
+def opengl_to_opencv(c2w: torch.Tensor) -> torch.Tensor:
+    """Convert camera-to-world matrices [..., 4, 4] between OpenGL and OpenCV conventions.
+
+    The conversion is its own inverse, so the same function also maps OpenCV back to OpenGL.
+    """
+    return c2w * _GL_CV_FLIP.to(c2w)
+
+
+@dataclass(frozen=True)
+class Cameras:
+    """A batch of pinhole cameras of one resolution, in the OpenCV convention."""
+
+    c2w: torch.Tensor  # [V, 4, 4] camera-to-world, OpenCV convention
+    intrinsics: torch.Tensor  # [V, 4] fx, fy, cx, cy in pixels
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.c2w.ndim != 3 or self.c2w.shape[1:] != (4, 4):
+            raise ValueError(f"c2w must be [V, 4, 4], got {tuple(self.c2w.shape)}")
+        if self.intrinsics.shape != (self.c2w.shape[0], 4):
+            raise ValueError(f"intrinsics must be [V, 4], got {tuple(self.intrinsics.shape)}")
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    def __getitem__(self, index) -> Cameras:
+        c2w, intrinsics = self.c2w[index], self.intrinsics[index]
+        if c2w.ndim == 2:
+            c2w, intrinsics = c2w[None], intrinsics[None]
+        return Cameras(c2w, intrinsics, self.width, self.height)
+
+    @property
+    def device(self) -> torch.device:
+        return self.c2w.device
+
+    @property
+    def centres(self) -> torch.Tensor:
+        """Camera centres in world space, [V, 3]."""
+        return self.c2w[:, :3, 3]
+
+    def to(self, device: torch.device | str) -> Cameras:
+        return Cameras(self.c2w.to(device), self.intrinsics.to(device), self.width, self.height)
+
+    def resized(self, width: int, height: int) -> Cameras:
+        """The same cameras seeing the same field of view at another resolution."""
+        scale = torch.tensor([width / self.width, height / self.height] * 2).to(self.intrinsics)
+        return Cameras(self.c2w, self.intrinsics * scale, width, height)
+
+    def world_to_camera(self) -> torch.Tensor:
+        """World-to-camera matrices [V, 4, 4] (rigid inverse, no general matrix inversion)."""
+        rotation, translation = self.c2w[:, :3, :3], self.c2w[:, :3, 3:]
+        w2c = torch.zeros_like(self.c2w)
+        w2c[:, :3, :3] = rotation.transpose(1, 2)
+        w2c[:, :3, 3:] = -rotation.transpose(1, 2) @ translation
+        w2c[:, 3, 3] = 1.0
+        return w2c
+
+
+def pixel_centres(width: int, height: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Image-plane coordinates (u, v) of every pixel centre, [H, W, 2], row-major from the top."""
+    v, u = torch.meshgrid(
+        torch.arange(height, device=device, dtype=torch.float32) + 0.5,
+        torch.arange(width, device=device, dtype=torch.float32) + 0.5,
+        indexing="ij",
+    )
+    return torch.stack([u, v], dim=-1)
+
+
+def pixel_rays(cameras: Cameras, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """World-space rays through image-plane points.
+
+    pixels: [V, ..., 2] coordinates (u, v) per view. Returns origins and unit directions, [V, ..., 3].
+    """
+    views = len(cameras)
+    flat = pixels.reshape(views, -1, 2).to(cameras.c2w)
+    fx, fy, cx, cy = cameras.intrinsics.unbind(-1)
+    x = (flat[..., 0] - cx[:, None]) / fx[:, None]
+    y = (flat[..., 1] - cy[:, None]) / fy[:, None]
+    directions_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
+    directions = directions_cam @ cameras.c2w[:, :3, :3].transpose(1, 2)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    origins = cameras.centres[:, None, :].expand_as(directions)
+    shape = (*pixels.shape[:-1], 3)
+    return origins.reshape(shape), directions.reshape(shape)
+
+
+def image_rays(cameras: Cameras) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rays through every pixel centre of every view: origins and directions, [V, H, W, 3]."""
+    pixels = pixel_centres(cameras.width, cameras.height, cameras.device)
+    pixels = pixels.expand(len(cameras), -1, -1, -1)
+    return pixel_rays(cameras, pixels)
+
+
+def plucker(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Plücker coordinates (d, o x d) of rays, [..., 6]; directions are normalised first."""
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    return torch.cat([directions, torch.linalg.cross(origins, directions, dim=-1)], dim=-1)
+
+
+def project(cameras: Cameras, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project world points [N, 3] into every view.
+
+    Returns image-plane coordinates (u, v) [V, N, 2] and camera-space depth along +Z [V, N]
+    (positive in front of the camera).
+    """
+    w2c = cameras.world_to_camera()
+    camera_points = points.to(w2c)[None] @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]
+    depth = camera_points[..., 2]
+    fx, fy, cx, cy = (c[:, None] for c in cameras.intrinsics.unbind(-1))
+    safe = torch.where(depth.abs() > 1e-12, depth, torch.full_like(depth, 1e-12))
+    u = fx * camera_points[..., 0] / safe + cx
+    v = fy * camera_points[..., 1] / safe + cy
+    return torch.stack([u, v], dim=-1), depth
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """The similarity that maps the region of interest into the canonical box [-1, 1]^3."""
+
+    centre: torch.Tensor  # [3] world-space point that maps to the origin
+    scale: float  # canonical units per world unit
+
+    @staticmethod
+    def from_aabb(aabb: torch.Tensor, margin: float = 0.1) -> Normalisation:
+        """Fit the box aabb [2, 3] (min, max) into [-(1 - margin), 1 - margin]^3, uniformly scaled."""
+        aabb = torch.as_tensor(aabb, dtype=torch.float32)
+        half_extent = float((aabb[1] - aabb[0]).max()) / 2.0
+        if not half_extent > 0.0:
+            raise ValueError("the region of interest has no extent")
+        return Normalisation(centre=(aabb[0] + aabb[1]) / 2.0, scale=(1.0 - margin) / half_extent)
+
+    def to_canonical(self, points: torch.Tensor) -> torch.Tensor:
+        return (points - self.centre.to(points)) * self.scale
+
+    def to_world(self, points: torch.Tensor) -> torch.Tensor:
+        return points / self.scale + self.centre.to(points)
+
+    def canonical_to_world_matrix(self) -> torch.Tensor:
+        """4x4 matrix taking canonical homogeneous points to world space."""
+        matrix = torch.eye(4)
+        matrix[:3, :3] /= self.scale
+        matrix[:3, 3] = self.centre
+        return matrix
+
+    def cameras_to_canonical(self, cameras: Cameras) -> Cameras:
+        """The same cameras seen in the canonical frame (a uniform scale leaves intrinsics alone)."""
+        c2w = cameras.c2w.clone()
+        c2w[:, :3, 3] = self.to_canonical(c2w[:, :3, 3])
+        return Cameras(c2w, cameras.intrinsics, cameras.width, cameras.height)
