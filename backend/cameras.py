@@ -68,7 +68,10 @@ class Cameras:
 
     def resized(self, width: int, height: int) -> Cameras:
         """The same cameras seeing the same field of view at another resolution."""
-        scale = torch.tensor([width / self.width, height / self.height] * 2).to(self.intrinsics)
+        # Built in the intrinsics' dtype: a float32 detour would round float64 cameras.
+        scale = torch.tensor(
+            [width / self.width, height / self.height] * 2, dtype=self.intrinsics.dtype, device=self.device
+        )
         return Cameras(self.c2w, self.intrinsics * scale, width, height)
 
     def world_to_camera(self) -> torch.Tensor:
@@ -172,3 +175,88 @@ class Normalisation:
         c2w = cameras.c2w.clone()
         c2w[:, :3, 3] = self.to_canonical(c2w[:, :3, 3])
         return Cameras(c2w, cameras.intrinsics, cameras.width, cameras.height)
+
+    def cameras_to_world(self, cameras: Cameras) -> Cameras:
+        """Inverse of `cameras_to_canonical`: canonical-frame cameras back in world space."""
+        c2w = cameras.c2w.clone()
+        c2w[:, :3, 3] = self.to_world(c2w[:, :3, 3])
+        return Cameras(c2w, cameras.intrinsics, cameras.width, cameras.height)
+
+    def world_to_canonical_matrix(self) -> torch.Tensor:
+        """4x4 matrix taking world homogeneous points to the canonical box (inverse of the above)."""
+        matrix = torch.eye(4)
+        matrix[:3, :3] *= self.scale
+        matrix[:3, 3] = -self.centre * self.scale
+        return matrix
+
+
+def viewed_region(cameras: Cameras) -> torch.Tensor:
+    """A box [2, 3] (min, max) that holds whatever all cameras look at.
+
+    Its centre is the point closest, in least squares, to every optical axis; its half size is the
+    distance from there to the nearest camera, since the object cannot enclose a camera.
+    Raises ValueError when the optical axes are (nearly) parallel and meet nowhere.
+    """
+    c2w = cameras.c2w.double()
+    axes = c2w[:, :3, 2]  # OpenCV: the camera looks down its +Z column
+    centres = c2w[:, :3, 3]
+    # Sum of projectors onto each axis' normal plane: the normal equations of "closest to all lines".
+    normal_planes = torch.eye(3, dtype=c2w.dtype) - axes[:, :, None] * axes[:, None, :]
+    system = normal_planes.sum(0)
+    if torch.linalg.eigvalsh(system)[0] < 1e-3 * len(cameras):
+        raise ValueError("the cameras' optical axes do not converge on a region")
+    focus = torch.linalg.solve(system, (normal_planes @ centres[:, :, None]).sum(0))[:, 0]
+    half = (centres - focus).norm(dim=-1).min()
+    return torch.stack([focus - half, focus + half]).float()
+
+
+def visual_hull(
+    cameras: Cameras,
+    masks: torch.Tensor,
+    bounds: torch.Tensor,
+    resolution: int,
+    threshold: float = 0.5,
+    min_views: int | None = None,
+) -> torch.Tensor:
+    """Carve a voxel grid with the silhouettes: occupancy [R, R, R] bool, indexed [x, y, z].
+
+    Voxel centres sit on a regular grid inside bounds [2, 3] (world units, min and max). A voxel
+    survives when no view that sees it puts it outside the mask (mask < threshold), and at least
+    `min_views` views see it (default: all of them, the usual capture where the object stays in
+    frame; lower it when the object leaves some frames).
+    """
+    views = len(cameras)
+    min_views = views if min_views is None else min_views
+    bounds = bounds.to(cameras.c2w)
+    steps = [torch.linspace(0.0, 1.0, 2 * resolution + 1, device=cameras.device)[1::2]] * 3
+    unit = torch.stack(torch.meshgrid(*steps, indexing="ij"), dim=-1).reshape(-1, 3)
+    centres = bounds[0] + unit.to(bounds) * (bounds[1] - bounds[0])
+    masks = masks.to(cameras.device)
+
+    occupied = torch.ones(len(centres), dtype=torch.bool, device=cameras.device)
+    seen_by = torch.zeros(len(centres), dtype=torch.int32, device=cameras.device)
+    for view in range(views):
+        for start in range(0, len(centres), 1 << 20):
+            chunk = slice(start, start + (1 << 20))
+            uv, depth = project(cameras[view], centres[chunk])
+            u, v, depth = uv[0, :, 0], uv[0, :, 1], depth[0]
+            seen = (depth > 0) & (u >= 0) & (u < cameras.width) & (v >= 0) & (v < cameras.height)
+            column = u.floor().long().clamp(0, cameras.width - 1)
+            row = v.floor().long().clamp(0, cameras.height - 1)
+            outside_silhouette = masks[view, row, column] < threshold
+            occupied[chunk] &= ~(seen & outside_silhouette)
+            seen_by[chunk] += seen.int()
+    occupied &= seen_by >= min_views
+    return occupied.reshape(resolution, resolution, resolution)
+
+
+def occupied_bounds(occupancy: torch.Tensor, bounds: torch.Tensor, padding: int = 1) -> torch.Tensor:
+    """World box [2, 3] around the occupied voxels of a grid over bounds, padded by whole voxels."""
+    resolution = torch.tensor(occupancy.shape, device=bounds.device)
+    voxel = (bounds[1] - bounds[0]) / resolution
+    indices = occupancy.nonzero()
+    if len(indices) == 0:
+        raise ValueError("no voxel is occupied")
+    low = bounds[0] + (indices.min(0).values - padding).to(bounds) * voxel
+    high = bounds[0] + (indices.max(0).values + 1 + padding).to(bounds) * voxel
+    return torch.stack([low, high])
