@@ -1,0 +1,1 @@
+"""Triton kernels for native sparse attention, each beside a readable PyTorch reference."""
