@@ -7,10 +7,14 @@ this interface: the learned `FeatureField` below and the analytic synthetic obje
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -22,6 +26,7 @@ class FieldSample:
     roughness: torch.Tensor  # [N] perceptual roughness in [0, 1] (glTF / Blender meaning)
     metallic: torch.Tensor  # [N] in [0, 1]
     radiance: torch.Tensor | None = None  # [N, 3] optional emitted colour (novel-view mode)
+    offset: torch.Tensor | None = None  # [N] LIRM's effective offset: added to sdf for density only (see FieldDecoder)
 
 
 class SurfaceField(Protocol):
@@ -39,3 +44,251 @@ class SurfaceField(Protocol):
     def beta(self) -> torch.Tensor:
         """VolSDF's Laplace scale (canonical units): smaller is a sharper surface."""
         ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The learned field: dense + sparse feature grids decoded by small MLP heads (LSRM eq. 9-12).
+
+
+@dataclass
+class FieldConfig:
+    """Every size of a FeatureField. Grids are cell-centred: voxel k of R along an axis has its centre
+    at -1 + (2k + 1) / R, as a transformer's voxel tokens would."""
+
+    channels: int = 32  # feature channels per voxel
+    dense_resolution: int = 64  # voxels per axis of the dense grid over the whole box
+    sparse_resolution: int = 256  # voxels per axis of the fine grid (only near-surface voxels are stored)
+    hidden: int = 64  # MLP width
+    hidden_layers: int = 2  # MLP depth before the heads
+    radiance: bool = False  # also decode an emitted colour (novel-view mode)
+    beta_init: float = 0.02  # VolSDF Laplace scale at start, canonical units
+    beta_min: float = 1e-4  # beta never goes below this (keeps density finite)
+    max_offset: float = 0.05  # bound of the effective SDF offset, canonical units
+    init_std: float = 0.1  # std of the random initial features
+
+
+def grid_indices_and_weights(points: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 voxels around each point of a cell-centred grid and their trilinear weights.
+
+    points [N, 3] in [-1, 1]^3 (outside is clamped to the border). Returns integer voxel coordinates
+    [N, 8, 3] (x, y, z) and weights [N, 8] that sum to 1; the weights are differentiable in the points
+    (twice, so eikonal losses can train through them).
+    """
+    position = ((points + 1.0) * 0.5 * resolution - 0.5).clamp(0.0, resolution - 1.0)
+    lower = position.detach().floor().clamp(max=resolution - 2).long()
+    fraction = position - lower
+    corners = torch.tensor(
+        [[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=points.device, dtype=torch.long
+    )
+    indices = lower[:, None, :] + corners  # [N, 8, 3]
+    per_axis = torch.where(corners.bool(), fraction[:, None, :], 1.0 - fraction[:, None, :])
+    return indices, per_axis.prod(-1)
+
+
+def _linear_index(indices: torch.Tensor, resolution: int) -> torch.Tensor:
+    return (indices[..., 0] * resolution + indices[..., 1]) * resolution + indices[..., 2]
+
+
+class FieldDecoder(nn.Module):
+    """Small MLP heads from interpolated features [N, C] to a FieldSample (LSRM eq. 10-12).
+
+    The transformer reuses this module on its own feature volumes, so it depends on features only.
+    """
+
+    def __init__(self, config: FieldConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.channels
+        for _ in range(config.hidden_layers):
+            # SiLU, not ReLU: the SDF's gradient (normals) and second derivative (eikonal loss) stay smooth.
+            layers += [nn.Linear(width, config.hidden), nn.SiLU()]
+            width = config.hidden
+        self.trunk = nn.Sequential(*layers)
+        self.geometry = nn.Linear(width, 2)  # sdf, effective offset
+        self.material = nn.Linear(width, 5)  # albedo (3), roughness, metallic
+        self.radiance = nn.Linear(width, 3) if config.radiance else None
+        self.max_offset = config.max_offset
+        # The offset starts at exactly zero, so a fresh field renders its own SDF.
+        nn.init.zeros_(self.geometry.weight[1])
+        nn.init.zeros_(self.geometry.bias[1])
+
+    def sdf(self, features: torch.Tensor) -> torch.Tensor:
+        return self.geometry(self.trunk(features))[:, 0]
+
+    def forward(self, features: torch.Tensor) -> FieldSample:
+        hidden = self.trunk(features)
+        geometry = self.geometry(hidden)
+        material = torch.sigmoid(self.material(hidden))
+        # The effective offset (after LIRM) shifts the SDF seen by the volume renderer but not the zero
+        # level set that becomes the mesh: opacity the grid cannot explain with a clean surface (thin
+        # parts below a voxel, soft silhouettes, a beta that is still too wide) goes into the offset
+        # instead of bending the geometry. It is bounded, and refinement keeps it small.
+        offset = self.max_offset * torch.tanh(geometry[:, 1])
+        radiance = F.softplus(self.radiance(hidden)) if self.radiance is not None else None
+        return FieldSample(
+            sdf=geometry[:, 0],
+            albedo=material[:, :3],
+            roughness=material[:, 3],
+            metallic=material[:, 4],
+            radiance=radiance,
+            offset=offset,
+        )
+
+
+class FeatureField(nn.Module):
+    """Dense low-resolution feature grid plus an optional sparse high-resolution grid near the surface.
+
+    A point reads the sparse voxels where they exist and the dense grid in empty space: each of its 8
+    neighbouring fine voxels contributes its own feature if it is active and the dense feature at the
+    point otherwise, so the blend on the boundary is linear and the field stays continuous everywhere.
+    The sparse grid stores features only for active voxels, as a sorted list of linear voxel indices
+    (`sparse_keys`) and one feature row per key; lookups use binary search, never a dense fine volume.
+    """
+
+    def __init__(self, config: FieldConfig) -> None:
+        super().__init__()
+        self.config = config
+        r = config.dense_resolution
+        self.dense = nn.Parameter(torch.randn(config.channels, r, r, r) * config.init_std)  # [C, x, y, z]
+        self.sparse_features = nn.Parameter(torch.zeros(0, config.channels))  # [M, C]
+        self.register_buffer("sparse_keys", torch.zeros(0, dtype=torch.long))  # [M] sorted linear indices
+        self.decoder = FieldDecoder(config)
+        self.log_beta = nn.Parameter(torch.tensor(math.log(config.beta_init - config.beta_min)))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.log_beta.exp() + self.config.beta_min
+
+    @property
+    def sparse_count(self) -> int:
+        return len(self.sparse_keys)
+
+    def dense_features(self, points: torch.Tensor) -> torch.Tensor:
+        """Trilinear read of the dense grid at points [N, 3] -> [N, C]."""
+        resolution = self.config.dense_resolution
+        indices, weights = grid_indices_and_weights(points, resolution)
+        flat = self.dense.reshape(self.config.channels, -1)
+        corners = flat[:, _linear_index(indices, resolution).reshape(-1)].reshape(-1, len(points), 8)
+        return (corners * weights).sum(-1).T
+
+    def features(self, points: torch.Tensor) -> torch.Tensor:
+        """Blended dense + sparse features at points [N, 3] -> [N, C]."""
+        dense = self.dense_features(points)
+        if self.sparse_count == 0:
+            return dense
+        found, rows, weights = self._sparse_neighbours(points)
+        sparse_weights = weights * found  # [N, 8]
+        sparse = (self.sparse_features[rows] * sparse_weights[..., None]).sum(1)
+        return sparse + (1.0 - sparse_weights.sum(1, keepdim=True)) * dense
+
+    def sparse_mask(self, points: torch.Tensor) -> torch.Tensor:
+        """How much of each point's feature comes from the sparse grid, [N] in [0, 1]."""
+        if self.sparse_count == 0:
+            return points.new_zeros(len(points))
+        found, _, weights = self._sparse_neighbours(points)
+        return (weights * found).sum(1)
+
+    def _sparse_neighbours(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        resolution = self.config.sparse_resolution
+        indices, weights = grid_indices_and_weights(points, resolution)
+        keys = _linear_index(indices, resolution)
+        rows = torch.searchsorted(self.sparse_keys, keys).clamp(max=self.sparse_count - 1)
+        found = (self.sparse_keys[rows] == keys).to(weights.dtype)
+        return found, rows, weights
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        return self.decoder.sdf(self.features(points))
+
+    def forward(self, points: torch.Tensor) -> FieldSample:
+        return self.decoder(self.features(points))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint's sparse grid has its own number of active voxels: take its shape before loading.
+        keys = state_dict.get(prefix + "sparse_keys")
+        if keys is not None:
+            self.sparse_keys = torch.zeros_like(keys, device=self.dense.device)
+            self.sparse_features = nn.Parameter(self.dense.new_zeros(len(keys), self.config.channels))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_sparse(self, voxels: torch.Tensor, features: torch.Tensor | None = None) -> None:
+        """Make the fine voxels [M, 3] (integer x, y, z) the active set, with features [M, C].
+
+        Without features, each voxel starts from what the field holds at its centre now, so activating
+        the sparse grid leaves the field unchanged (a clean start for coarse-to-fine refinement).
+        """
+        resolution = self.config.sparse_resolution
+        voxels = voxels.to(self.dense.device).long()
+        if voxels.numel() and (voxels.min() < 0 or voxels.max() >= resolution):
+            raise ValueError(f"sparse voxel coordinates must lie in [0, {resolution})")
+        keys, first = _unique_sorted(_linear_index(voxels, resolution))
+        if features is None:
+            with torch.no_grad():
+                centres = voxel_centres(voxels[first], resolution)
+                features = torch.cat([self.features(c) for c in centres.split(65536)]) if len(keys) else None
+            features = features if features is not None else self.dense.new_zeros(0, self.config.channels)
+        else:
+            if features.shape != (len(voxels), self.config.channels):
+                raise ValueError(f"sparse features must be [{len(voxels)}, {self.config.channels}]")
+            features = features[first]
+        self.sparse_keys = keys
+        self.sparse_features = nn.Parameter(features.detach().clone().to(self.dense))
+
+    @torch.no_grad()
+    def activate_near_surface(self, band: float | None = None, chunk: int = 65536) -> int:
+        """Activate the fine voxels whose centre is within `band` of the current surface; returns their count.
+
+        LSRM eq. 13 keeps voxels near the stage-1 surface. The default band, 1.5 fine-voxel diagonals,
+        covers every voxel the zero level set passes through plus a margin for it to move.
+        """
+        resolution = self.config.sparse_resolution
+        voxel = 2.0 / resolution
+        band = 1.5 * math.sqrt(3.0) * voxel if band is None else band
+        voxels = near_surface_voxels(self.sdf, resolution, band, self.dense.device, chunk)
+        self.set_sparse(voxels)
+        return len(voxels)
+
+
+def voxel_centres(voxels: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Canonical positions [M, 3] of the centres of integer voxels [M, 3] of a cell-centred grid."""
+    return -1.0 + (2.0 * voxels.float() + 1.0) / resolution
+
+
+def _unique_sorted(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique keys and, for each, the position of one occurrence in the input."""
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    first = torch.empty(len(unique), dtype=torch.long, device=keys.device)
+    first.scatter_(0, inverse, torch.arange(len(keys), device=keys.device))
+    return unique, first
+
+
+@torch.no_grad()
+def near_surface_voxels(
+    sdf: Callable[[torch.Tensor], torch.Tensor],
+    resolution: int,
+    band: float,
+    device: torch.device | str = "cpu",
+    chunk: int = 65536,
+) -> torch.Tensor:
+    """Integer voxels [M, 3] of a cell-centred grid whose centres have |sdf| < band.
+
+    Coarse to fine, so memory and time follow the surface area, not resolution^3: blocks of 8^3
+    voxels are tested at their centres first (with the block's half-diagonal added to the band, which
+    is safe for any SDF that is 1-Lipschitz), then only voxels inside surviving blocks.
+    """
+    block = 8 if resolution % 8 == 0 and resolution >= 16 else 1
+    blocks_per_axis = resolution // block
+    axis = torch.arange(blocks_per_axis)
+    blocks = torch.cartesian_prod(axis, axis, axis)
+    half_diagonal = math.sqrt(3.0) * block / resolution
+    kept = []
+    for part in blocks.split(chunk):
+        centres = voxel_centres(part, blocks_per_axis).to(device)
+        kept.append(part[(sdf(centres).abs() < band + half_diagonal).cpu()])
+    blocks = torch.cat(kept)
+    offsets = torch.cartesian_prod(*(torch.arange(block),) * 3)
+    voxels = []
+    for part in blocks.split(max(1, chunk // len(offsets))):
+        candidates = (part[:, None, :] * block + offsets).reshape(-1, 3)
+        centres = voxel_centres(candidates, resolution).to(device)
+        voxels.append(candidates[(sdf(centres).abs() < band).cpu()])
+    return torch.cat(voxels) if voxels else torch.zeros(0, 3, dtype=torch.long)

@@ -58,3 +58,50 @@ def studio_world(name: str = "studio") -> Path:
 
 def deg(angle: float) -> float:
     return math.radians(angle)
+
+
+def add_emissive_sphere(name: str, location, radius: float, colour, strength: float = 1.0) -> bpy.types.Object:
+    """A UV sphere that glows with `colour` (linear RGB) and needs no lights."""
+    bpy.ops.mesh.primitive_uv_sphere_add(segments=32, ring_count=16, radius=radius, location=location)
+    sphere = bpy.context.active_object
+    sphere.name = name
+    material = bpy.data.materials.new(name)  # new materials have a node tree in Blender 5
+    nodes = material.node_tree.nodes
+    nodes.clear()
+    emission = nodes.new("ShaderNodeEmission")
+    emission.inputs["Color"].default_value = (*colour, 1.0)
+    emission.inputs["Strength"].default_value = strength
+    output = nodes.new("ShaderNodeOutputMaterial")
+    material.node_tree.links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    sphere.data.materials.append(material)
+    return sphere
+
+
+def add_camera_looking_at(name: str, location, target=(0.0, 0.0, 0.0), lens: float = 50.0) -> bpy.types.Object:
+    """A perspective camera at `location` aimed at `target`, world Z up."""
+    from mathutils import Vector
+
+    camera = bpy.data.objects.new(name, bpy.data.cameras.new(name))
+    bpy.context.scene.collection.objects.link(camera)
+    camera.location = location
+    camera.rotation_euler = (Vector(target) - Vector(location)).to_track_quat("-Z", "Y").to_euler()
+    camera.data.lens = lens
+    return camera
+
+
+def render_linear_rgba(path: Path) -> "np.ndarray":
+    """Render the scene's camera to a 32-bit EXR at `path` and return its linear RGBA pixels [H, W, 4].
+
+    EXR keeps scene-referred linear values (no view transform), so they compare directly with ours.
+    """
+    import numpy as np
+    import OpenEXR
+
+    scene = bpy.context.scene
+    scene.render.image_settings.file_format = "OPEN_EXR"
+    scene.render.image_settings.color_depth = "32"
+    scene.render.filepath = str(path)
+    bpy.ops.render.render(write_still=True)
+    with OpenEXR.File(str(path), separate_channels=True) as exr:
+        channels = {name.split(".")[-1].upper(): channel.pixels for name, channel in exr.channels().items()}
+    return np.stack([channels[c] for c in "RGBA"], axis=-1).astype(np.float32)
