@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 
 import bpy
+import numpy as np
+import OpenEXR
 
 
 def use_cycles(width: int, height: int, samples: int = 32, transparent: bool = True) -> bpy.types.Scene:
@@ -89,14 +91,11 @@ def add_camera_looking_at(name: str, location, target=(0.0, 0.0, 0.0), lens: flo
     return camera
 
 
-def render_linear_rgba(path: Path) -> "np.ndarray":
+def render_linear_rgba(path: Path) -> np.ndarray:
     """Render the scene's camera to a 32-bit EXR at `path` and return its linear RGBA pixels [H, W, 4].
 
     EXR keeps scene-referred linear values (no view transform), so they compare directly with ours.
     """
-    import numpy as np
-    import OpenEXR
-
     scene = bpy.context.scene
     scene.render.image_settings.file_format = "OPEN_EXR"
     scene.render.image_settings.color_depth = "32"
