@@ -1,0 +1,347 @@
+"""`python -m backend evaluate`: relighting quality of a preset (or checkpoint) on assets (DESIGN §9).
+
+Per asset (GLB/glTF, or OBJ with its MTL), in headless Blender:
+1. import it into an empty scene; place input cameras on a sphere around its bounds and render
+   RGBA views with Cycles under the input environment; write them as a bundle (transforms.json
+   with the environment as known lighting and the bounds as `aabb`), the way the add-on captures;
+2. render held-out test views from other cameras (other azimuths and elevations) under a
+   *different* environment: the ground truth relit, linear EXR;
+3. reconstruct the bundle in-process (backend.reconstruct), import the GLB into a fresh scene and
+   render the same test views under the test environment;
+4. score PSNR-H, PSNR-L and SSIM inside the ground-truth mask (backend.metrics), and Chamfer
+   distance and normal error between surface samples of both meshes, mapped into the bundle's
+   canonical box (so numbers compare across assets of any size).
+Writes DIR/metrics.json (per asset, the mean, timings) and DIR/sheet.png (a row per asset:
+input view | ours relit | ground truth relit, sRGB); per asset DIR/<name>/ keeps the bundle, the
+reconstruction and the test renders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import blender_render as blender
+from .atomic import atomic_directory, atomic_file
+from .bundle import canonical_normalisation, load_bundle
+from .colour import linear_to_srgb
+from .errors import InputError
+from .metrics import MetricsConfig, geometry_metrics, image_metrics, tone_map
+from .progress import Progress, no_progress
+from .shading import builtin_environment
+
+METRIC_KEYS = ("psnr_h", "psnr_l", "ssim", "chamfer", "normal_error_deg")
+SHEET_COLUMNS = ("input view", "ours relit", "ground truth relit")
+RESOLUTION_RANGE = (16, 4096)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    preset: str = "standard"
+    engine: str = "refine"
+    device: str = "auto"
+    views: int = 16  # input views rendered into the bundle
+    test_views: int = 4  # held-out views scored under the test environment
+    resolution: int = 256  # pixels, square, for input and test views alike
+    samples: int = 32  # Cycles samples per pixel
+    input_environment: str = "studio"  # built-in environment names (backend.shading.BUILTIN_ENVIRONMENTS)
+    test_environment: str = "forest"
+    seed: int = 0  # turns the camera rings, seeds Cycles and the surface sampling
+    # Cameras: a 50 mm lens; the asset's bounding sphere fills this share of the view's half-width.
+    lens: float = 50.0
+    sensor_width: float = 36.0  # Blender's default sensor, which sphere_cameras keeps
+    frame_fill: float = 0.95
+    input_elevation: tuple[float, float] = (-10.0, 60.0)  # degrees above the horizon
+    test_elevation: tuple[float, float] = (5.0, 40.0)  # a different band, so no test view repeats an input
+    test_azimuth_shift: float = 45.0  # degrees between the input and the test camera rings
+    environment_strength: float = 1.0
+    # Geometry: surface samples per mesh for Chamfer distance and normal error.
+    surface_samples: int = 10_000
+    sheet_background: float = 0.18  # linear grey behind the objects on the sheet (sRGB ~0.46)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def check_config(config: EvaluateConfig) -> None:
+    """Reject unusable settings with one sentence each, before any rendering."""
+    from .presets import get_preset
+    from .reconstruct import ENGINES, MIN_VIEWS
+
+    get_preset(config.preset)
+    if config.engine not in ENGINES:
+        raise InputError(f"unknown engine '{config.engine}'; use one of {', '.join(ENGINES)}")
+    if config.views < MIN_VIEWS:
+        raise InputError(f"--views {config.views} is too few; reconstruction needs at least {MIN_VIEWS} input views")
+    if config.test_views < 1:
+        raise InputError(f"--test-views {config.test_views} leaves nothing to score; use at least 1")
+    low, high = RESOLUTION_RANGE
+    if not low <= config.resolution <= high:
+        raise InputError(f"--res {config.resolution} is outside {low}..{high}; use e.g. 256")
+    if config.samples < 1:
+        raise InputError(f"--samples {config.samples} must be at least 1; use e.g. 32")
+    builtin_environment(config.input_environment)
+    builtin_environment(config.test_environment)
+
+
+def evaluate(
+    assets: list[Path], out: Path, config: EvaluateConfig = EvaluateConfig(), progress: Progress = no_progress
+) -> dict:
+    """Evaluate every asset; write out/metrics.json and out/sheet.png; return the metrics dictionary."""
+    if not assets:
+        raise InputError("no asset given; name at least one .glb, .gltf or .obj file")
+    assets = [blender.check_asset(Path(asset)) for asset in assets]
+    check_config(config)
+    blender.require_bpy()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file; give a folder to write the results into")
+
+    results, rows = {}, []
+    for name, asset in zip(_unique_names(assets), assets, strict=True):
+        result, row = evaluate_asset(asset, out / name, config, _prefixed(progress, name))
+        results[name] = result
+        rows.append(row)
+    report = {
+        "settings": {key: value for key, value in asdict(config).items() if key != "metrics"},
+        "metric_notes": {
+            "psnr_h": "dB, linear HDR, peak = brightest ground-truth value in the mask",
+            "psnr_l": "dB, clipped to [0, 1] and sRGB-encoded, peak 1",
+            "ssim": "Gaussian 11x11 sigma 1.5 on the sRGB images, averaged inside the mask",
+            "chamfer": "canonical box units ([-1, 1]^3), mean of both directions",
+            "normal_error_deg": "degrees between normals of nearest surface samples, both directions",
+        },
+        "assets": results,
+        "mean": _mean(list(results.values())),
+        "sheet_columns": list(SHEET_COLUMNS),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
+    with atomic_file(out / "sheet.png") as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+    return report
+
+
+def evaluate_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: Progress) -> tuple[dict, np.ndarray]:
+    """Render, reconstruct, re-render and score one asset; return its metrics and its sheet row (uint8)."""
+    from .reconstruct import reconstruct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:  # time since the last lap, added to the stage's total
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage], clock = timings.get(stage, 0.0) + now - clock, now
+
+    # The ground truth: the asset under the input lighting (the bundle), then under the test lighting.
+    blender.empty_scene()
+    objects = blender.import_asset(asset)
+    bounds = blender.world_bounds(objects)
+    centre, radius = blender.bounding_sphere(bounds)
+    if not radius > 0.0:
+        raise InputError(f"asset '{asset}' is a single point (its bounds have no size); give a real surface")
+    scene = blender.use_cycles(config.resolution, config.resolution, config.samples, seed=config.seed, persistent=True)
+    rings = _CameraRings(centre, radius, config)
+    bundle = folder / "bundle"
+    first_input = _render_bundle(bundle, scene, bounds, rings, config, progress)
+    lap("render inputs")
+    ground_truth = _render_test_views(folder / "test" / "gt", rings, config, progress, "render test")
+    gt_points, gt_normals = blender.sample_surface(objects, config.surface_samples, config.seed)
+    lap("render test")
+
+    result = reconstruct(
+        bundle,
+        folder / "reconstruction.glb",
+        preset=config.preset,
+        engine=config.engine,
+        device=config.device,
+        progress=progress,
+    )
+    lap("reconstruct")
+
+    # Ours: the reconstruction alone in a fresh scene, under the test lighting, from the same cameras.
+    blender.empty_scene()
+    ours_objects = blender.import_asset(result.path)
+    blender.use_cycles(config.resolution, config.resolution, config.samples, seed=config.seed, persistent=True)
+    ours = _render_test_views(folder / "test" / "ours", rings, config, progress, "render ours")
+    ours_points, ours_normals = blender.sample_surface(ours_objects, config.surface_samples, config.seed)
+    blender.empty_scene()  # free the scene's images and meshes
+    lap("render test")
+
+    per_view = []
+    for index, (prediction, target) in enumerate(zip(ours, ground_truth, strict=True)):
+        mask = torch.from_numpy(target[..., 3])
+        if not (mask >= config.metrics.mask_threshold).any():
+            continue  # the object left this test view entirely: nothing to score
+        scores = image_metrics(
+            torch.from_numpy(prediction[..., :3]), torch.from_numpy(target[..., :3]), mask, config.metrics
+        )
+        per_view.append({"view": index, **scores})
+        progress("score", (index + 1) / len(ours))
+    if not per_view:
+        raise InputError(f"asset '{asset}' is invisible in every test view; check the asset's geometry and scale")
+    normalisation = canonical_normalisation(load_bundle(bundle))
+    geometry = geometry_metrics(
+        normalisation.to_canonical(torch.from_numpy(ours_points)),
+        torch.from_numpy(ours_normals),
+        normalisation.to_canonical(torch.from_numpy(gt_points)),
+        torch.from_numpy(gt_normals),
+        config.metrics,
+    )
+    progress("score", 1.0)
+    lap("score")
+
+    metrics = {key: float(np.mean([view[key] for view in per_view])) for key in ("psnr_h", "psnr_l", "ssim")}
+    metrics.update(geometry)
+    row = np.concatenate([_display(image, config) for image in (first_input, ours[0], ground_truth[0])], axis=1)
+    warnings = list(result.warnings)
+    if config.input_environment == config.test_environment:
+        warnings.append("the test environment is the input one, so these numbers measure novel views, not relighting")
+    record = {
+        "asset": str(asset),
+        **metrics,
+        "per_view": per_view,
+        "timings": {f"{stage} s": seconds for stage, seconds in timings.items()},
+        "reconstruction": {
+            "glb": str(result.path),
+            "timings": result.timings,
+            "training_psnr": result.training_psnr,
+            "views_used": result.views_used,
+            "device": result.device,
+            **result.export_stats,
+        },
+        "warnings": warnings,
+    }
+    return record, row
+
+
+class _CameraRings:
+    """Input and test cameras around the asset's bounding sphere; the same in every scene."""
+
+    def __init__(self, centre: tuple[float, float, float], radius: float, config: EvaluateConfig) -> None:
+        # Square images: the sensor width spans the view, so the half-angle is atan(sensor / 2 / lens).
+        half_angle = math.atan(config.frame_fill * config.sensor_width / (2.0 * config.lens))
+        self.centre, self.distance, self.config = centre, radius / math.sin(half_angle), config
+        self.azimuth = float(np.random.default_rng(config.seed).uniform(0.0, 360.0))
+
+    def place(self, test: bool) -> list:
+        from blender_addon.capture import sphere_cameras
+
+        config = self.config
+        return sphere_cameras(
+            self.centre,
+            self.distance,
+            config.test_views if test else config.views,
+            config.test_elevation if test else config.input_elevation,
+            config.lens,
+            azimuth_offset=self.azimuth + (config.test_azimuth_shift if test else 0.0),
+            name="Test" if test else "Input",
+        )
+
+
+def _render_bundle(
+    bundle: Path, scene, bounds: np.ndarray, rings: _CameraRings, config: EvaluateConfig, progress: Progress
+) -> np.ndarray:
+    """Render the input views into a bundle folder (all-or-nothing); return the first view, linear RGBA."""
+    from blender_addon.capture import camera_frame, write_transforms
+
+    bpy = blender.require_bpy()
+    environment = builtin_environment(config.input_environment)
+    blender.set_world_environment(environment, strength=config.environment_strength)
+    cameras = rings.place(test=False)
+    bpy.context.view_layer.update()
+    frames, first = [], None
+    with atomic_directory(bundle) as tmp, tempfile.TemporaryDirectory(prefix="lsrm-eval-") as scratch:
+        (tmp / "images").mkdir()
+        for index, camera in enumerate(cameras):
+            scene.camera = camera
+            rgba = blender.render_linear_rgba(Path(scratch) / f"{index:04d}.exr")
+            first = rgba if first is None else first
+            name = f"images/{index:04d}.png"
+            _write_rgba_png(rgba, tmp / name)
+            frames.append({"file_path": name, **camera_frame(camera, scene)})
+            progress("render inputs", (index + 1) / len(cameras))
+        shutil.copyfile(environment, tmp / environment.name)
+        lighting = {"file_path": environment.name, "rotation_z": 0.0, "strength": config.environment_strength}
+        write_transforms(tmp, frames, aabb=bounds.tolist(), environment=lighting)
+    for camera in cameras:
+        bpy.data.objects.remove(camera)
+    return first
+
+
+def _render_test_views(
+    folder: Path, rings: _CameraRings, config: EvaluateConfig, progress: Progress, stage: str
+) -> list[np.ndarray]:
+    """Render the test cameras under the test environment to linear EXRs in folder; return RGBA [H, W, 4] each."""
+    bpy = blender.require_bpy()
+    blender.set_world_environment(builtin_environment(config.test_environment), strength=config.environment_strength)
+    cameras = rings.place(test=True)
+    bpy.context.view_layer.update()
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for index, camera in enumerate(cameras):
+        bpy.context.scene.camera = camera
+        images.append(blender.render_linear_rgba(folder / f"{index:04d}.exr"))
+        progress(stage, (index + 1) / len(cameras))
+    return images
+
+
+def _write_rgba_png(rgba: np.ndarray, path: Path) -> None:
+    """A bundle image: straight (un-premultiplied) colour, sRGB-encoded, with alpha as the mask."""
+    pixels = torch.from_numpy(rgba)
+    alpha = pixels[..., 3:].clamp(0.0, 1.0)
+    straight = torch.where(alpha > 0.0, pixels[..., :3] / alpha.clamp_min(1e-8), torch.zeros_like(pixels[..., :3]))
+    encoded = torch.cat([linear_to_srgb(straight), alpha], dim=-1)
+    Image.fromarray((encoded * 255.0 + 0.5).to(torch.uint8).numpy(), "RGBA").save(path)
+
+
+def _display(rgba: np.ndarray, config: EvaluateConfig) -> np.ndarray:
+    """Premultiplied linear RGBA over the sheet's grey, tone-mapped to sRGB uint8 [H, W, 3]."""
+    pixels = torch.from_numpy(rgba)
+    over = pixels[..., :3] + (1.0 - pixels[..., 3:].clamp(0.0, 1.0)) * config.sheet_background
+    return (tone_map(over) * 255.0 + 0.5).to(torch.uint8).numpy()
+
+
+def _prefixed(progress: Progress, name: str) -> Progress:
+    return lambda stage, fraction: progress(f"{name}: {stage}", fraction)
+
+
+def _unique_names(assets: list[Path]) -> list[str]:
+    """Folder names per asset: the file stem, numbered when two assets share one."""
+    names: list[str] = []
+    for asset in assets:
+        name, count = asset.stem, 1
+        while name in names:
+            count += 1
+            name = f"{asset.stem}_{count}"
+        names.append(name)
+    return names
+
+
+def _mean(records: list[dict]) -> dict[str, float]:
+    """Mean of each metric and each timing over the assets."""
+    mean = {key: float(np.mean([record[key] for record in records])) for key in METRIC_KEYS}
+    for stage in records[0]["timings"]:
+        mean[stage] = float(np.mean([record["timings"][stage] for record in records]))
+    return mean
+
+
+def _json_safe(value):
+    """JSON has no infinity (PSNR of identical images): write those as null."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
