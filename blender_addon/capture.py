@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 TRANSFORMS = "transforms.json"
+GOLDEN_ANGLE = 180.0 * (3.0 - math.sqrt(5.0))  # degrees; successive azimuths never line up
 
 
 def render_size(scene) -> tuple[int, int]:
@@ -70,6 +71,50 @@ def camera_frame(camera_object, scene) -> dict:
         "w": width,
         "h": height,
     }
+
+
+def sphere_cameras(
+    centre: tuple[float, float, float],
+    radius: float,
+    count: int,
+    elevation_range: tuple[float, float] = (-10.0, 60.0),
+    lens: float = 50.0,
+    *,
+    azimuth_offset: float = 0.0,
+    name: str = "Capture",
+    collection=None,
+) -> list:
+    """Add `count` perspective cameras on a sphere around `centre`, each looking at it (world Z up).
+
+    Elevations (degrees) are spaced evenly in sin(elevation) over `elevation_range`, so every camera
+    covers an equal area of the band; azimuths step by the golden angle, so the views spread evenly
+    for any count. `azimuth_offset` (degrees) turns the whole set: a second set with another offset
+    shares no viewpoint with the first (held-out views). Cameras land in `collection` (default: the
+    scene's); returns the camera objects in order.
+    """
+    import bpy
+    from mathutils import Vector
+
+    if count < 1 or not radius > 0.0 or not lens > 0.0:
+        raise ValueError("sphere_cameras needs count >= 1, a positive radius and a positive lens")
+    low, high = (math.radians(angle) for angle in elevation_range)
+    collection = collection or bpy.context.scene.collection
+    target = Vector(centre)
+    cameras = []
+    for index in range(count):
+        fraction = (index + 0.5) / count
+        elevation = math.asin(math.sin(low) + fraction * (math.sin(high) - math.sin(low)))
+        azimuth = math.radians(azimuth_offset + index * GOLDEN_ANGLE)
+        direction = Vector(
+            (math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation))
+        )
+        camera = bpy.data.objects.new(f"{name}.{index:03d}", bpy.data.cameras.new(f"{name}.{index:03d}"))
+        camera.data.lens = lens
+        camera.location = target + radius * direction
+        camera.rotation_euler = (-direction).to_track_quat("-Z", "Y").to_euler()
+        collection.objects.link(camera)
+        cameras.append(camera)
+    return cameras
 
 
 def _rigid_camera_to_world(camera_object) -> list[list[float]]:

@@ -138,3 +138,25 @@ def test_camera_frame_rejects_non_perspective_cameras(bpy):
     camera.data.type = "ORTHO"
     with pytest.raises(ValueError, match="only perspective cameras"):
         camera_frame(camera, scene)
+
+
+@pytest.mark.blender
+def test_sphere_cameras_look_at_the_centre_from_the_requested_band(bpy):
+    import math
+
+    from mathutils import Vector
+
+    from blender_addon.capture import sphere_cameras
+
+    centre, radius, band = Vector((0.5, -1.0, 2.0)), 3.0, (-10.0, 60.0)
+    cameras = sphere_cameras(centre, radius, 12, band, 35.0)
+    turned = sphere_cameras(centre, radius, 12, band, 35.0, azimuth_offset=45.0, name="Turned")
+    bpy.context.view_layer.update()
+    assert len(cameras) == 12 and all(camera.data.lens == 35.0 for camera in cameras)
+    for camera in cameras + turned:
+        offset = camera.matrix_world.translation - centre
+        assert math.isclose(offset.length, radius, rel_tol=1e-5)
+        assert band[0] - 1e-3 <= math.degrees(math.asin(offset.z / radius)) <= band[1] + 1e-3
+        forward = camera.matrix_world.to_3x3() @ Vector((0.0, 0.0, -1.0))  # cameras look down their -Z
+        assert forward.dot(-offset.normalized()) > 1.0 - 1e-6
+    assert min((a.location - b.location).length for a in cameras for b in turned) > 0.1 * radius
