@@ -39,20 +39,73 @@ class Textures:
         return self.base_colour.shape[0]
 
 
-def uv_atlas(mesh: Mesh, texture_size: int, padding: int = 4) -> Mesh:
-    """The mesh split along chart seams with xatlas texture coordinates (glTF convention, in [0, 1])."""
+@dataclass(frozen=True)
+class AtlasConfig:
+    """How the UV atlas is cut and packed (see `uv_atlas` for why pieces exist)."""
+
+    padding: int = 4  # texels between charts, room for the dilation in `bake`
+    piece_faces: int = 2000  # most faces xatlas segments at once; its chart growing is quadratic in chart size
+
+
+def spatial_pieces(vertices: np.ndarray, faces: np.ndarray, piece_faces: int) -> list[np.ndarray]:
+    """Face indices split into compact pieces of at most piece_faces faces.
+
+    Recursive median cuts of the face centroids across the longest extent, so every piece is a
+    roughly cubic patch of surface holding at least half of piece_faces, rounded down.
+    """
+    centroids = vertices[faces].mean(axis=1)
+    pieces, pending = [], [np.arange(len(faces))]
+    while pending:
+        ids = pending.pop()
+        if len(ids) <= piece_faces:
+            pieces.append(ids)
+            continue
+        points = centroids[ids]
+        axis = int(np.argmax(points.max(axis=0) - points.min(axis=0)))
+        order = ids[np.argsort(points[:, axis], kind="stable")]
+        pending += [order[: len(order) // 2], order[len(order) // 2 :]]
+    return pieces
+
+
+def uv_atlas(mesh: Mesh, texture_size: int, config: AtlasConfig = AtlasConfig()) -> Mesh:
+    """The mesh split along chart seams with xatlas texture coordinates (glTF convention, in [0, 1]).
+
+    xatlas grows each chart face by face and re-projects and re-checks the whole chart at every step,
+    so its time grows with the square of the faces per chart; on a dense smooth surface charts hold
+    thousands of faces (100k faces: about a minute). The mesh is therefore cut into compact pieces of
+    at most `config.piece_faces` faces, each segmented as its own xatlas mesh (in parallel, on
+    xatlas' threads) and all packed into one atlas: a few seconds, with the same texel density.
+    The pieces' borders become chart seams, which the dilation in `bake` already handles.
+    """
+    vertices = mesh.vertices.astype(np.float64)
+    edges = vertices[mesh.faces] - vertices[np.roll(mesh.faces, 1, axis=1)]
+    # xatlas' tolerances are absolute (vertices within 1e-4 are welded, UV triangles under FLT_EPSILON
+    # count as degenerate and send their chart to a slow fallback), so hand it unit-length edges.
+    unit = vertices / max(float(np.linalg.norm(edges, axis=-1).mean()), 1e-12)
     atlas = xatlas.Atlas()
-    atlas.add_mesh(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
+    pieces = spatial_pieces(unit, mesh.faces, config.piece_faces)
+    used_vertices = []
+    for ids in pieces:
+        used, local = np.unique(mesh.faces[ids], return_inverse=True)
+        atlas.add_mesh(unit[used].astype(np.float32), local.reshape(-1, 3).astype(np.uint32))
+        used_vertices.append(used)
     pack = xatlas.PackOptions()
     pack.resolution = texture_size
-    # Texels between charts, room for the dilation in `bake`. xatlas may pack into a somewhat larger
-    # grid than asked (its texel density is an estimate); uvs are normalised, so the gaps only shrink.
-    pack.padding = padding
+    # xatlas may pack into a somewhat larger grid than asked (its texel density is an estimate);
+    # uvs are normalised, so the padding between charts only shrinks a little.
+    pack.padding = config.padding
     pack.bilinear = True
     atlas.generate(xatlas.ChartOptions(), pack)
-    old_index, faces, uvs = atlas[0]
+    old_index, faces, uvs, count = [], [], [], 0
+    for used, piece in zip(used_vertices, range(atlas.mesh_count), strict=True):
+        piece_index, piece_faces, piece_uvs = atlas[piece]
+        old_index.append(used[piece_index])
+        faces.append(piece_faces.astype(np.int64) + count)
+        uvs.append(piece_uvs)
+        count += len(piece_index)
+    old_index = np.concatenate(old_index)
     normals = None if mesh.normals is None else mesh.normals[old_index]
-    return Mesh(mesh.vertices[old_index], faces.astype(np.int64), normals, uvs.astype(np.float32))
+    return Mesh(mesh.vertices[old_index], np.concatenate(faces), normals, np.concatenate(uvs).astype(np.float32))
 
 
 def rasterise_uvs(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,9 @@ texture up at Rz(rotation_z) · d; `Environment.rotation_z` means the same.
 The BRDF is the metallic-roughness model of glTF and Blender's Principled BSDF: F0 = lerp(0.04, albedo,
 metallic), GGX with alpha = roughness², height-correlated Smith shadowing, a Lambert base under the
 dielectric coat, and Blender's multiscatter-GGX energy compensation. Image-based lighting uses the
-split-sum approximation: a roughness-prefiltered environment times a BRDF lookup table, plus a
-cosine-convolved irradiance map for the diffuse part. All colours are linear.
+split-sum approximation: a roughness-prefiltered environment (read at a roughness narrowed with the
+view angle, as the true lobe narrows) times a BRDF lookup table, plus a cosine-convolved irradiance map
+for the diffuse part. All colours are linear.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ ENVIRONMENTS_DIR = Path(__file__).resolve().parent / "assets" / "environments"
 BUILTIN_ENVIRONMENTS = ("city", "courtyard", "forest", "interior", "night", "studio", "sunrise", "sunset")
 
 DIELECTRIC_F0 = 0.04  # IOR 1.5, Blender's Principled default
-PREFILTER_ROUGHNESS_LEVELS = 6  # roughness 0, 0.2, ..., 1; lookups interpolate between them
+PREFILTER_ROUGHNESS_LEVELS = 6  # roughness 0, 0.2, ..., 1; lookups interpolate between the two nearest
 PREFILTER_MAX_WIDTH = 256  # widest prefiltered level above roughness 0 (the sharpest glossy lobe fits)
 PREFILTER_SAMPLES = 64  # GGX samples per prefiltered texel (filtered importance sampling)
+PREFILTER_LOD_BIAS = 1.0  # mip levels added to each sample's footprint (smooths the sample pattern)
 IRRADIANCE_SIZE = (32, 64)  # the cosine convolution is smooth, a small map holds it
 BRDF_LUT_SIZE = 32
+VIEW_LOBE_MIN_COS = 0.05  # the view-dependent lobe narrowing stops here (grazing views stay finite)
 BRDF_LUT_SAMPLES = 1024
 
 
@@ -142,7 +145,9 @@ def direction_to_equirect(directions: torch.Tensor) -> torch.Tensor:
     """Blender's equirectangular coordinates (u, v) in [0, 1] of unit directions [..., 3]; v = 0 is straight up."""
     x, y, z = directions.unbind(-1)
     u = 0.5 - torch.atan2(y, x) / (2.0 * math.pi)
-    v = torch.acos(z.clamp(-1.0, 1.0)) / math.pi
+    # acos has an infinite slope at the poles: the value is exact, the gradient comes from z kept just inside.
+    inside = z.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    v = (torch.acos(inside) + (torch.acos(z.clamp(-1.0, 1.0)) - torch.acos(inside)).detach()) / math.pi
     return torch.stack([u, v], dim=-1)
 
 
@@ -365,11 +370,9 @@ class Environment:
         levels, _ = self._split_sum_tables()
         directions = self._texture_directions(directions)
         position = roughness.clamp(0.0, 1.0) * (len(levels) - 1)
-        result = 0.0
-        for index, level in enumerate(levels):
-            weight = (1.0 - (position - index).abs()).clamp_min(0.0)[..., None]
-            result = result + weight * sample_equirect(level, directions)
-        return result * self.strength
+        # Levels are a pyramid indexed by roughness: each point reads only the two around its own.
+        result = _sample_pyramid(levels, directions.reshape(-1, 3), position.reshape(-1))
+        return result.reshape(*directions.shape[:-1], -1) * self.strength
 
     def _split_sum_tables(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         # Rebuilt when the image is replaced or stepped in place by an optimiser, or starts needing gradients.
@@ -450,7 +453,7 @@ def prefilter_levels(image: torch.Tensor, levels: int = PREFILTER_ROUGHNESS_LEVE
         d = alpha * alpha / (math.pi * ((alpha * alpha - 1.0) * cos_h * cos_h + 1.0) ** 2)
         sample_solid_angle = 4.0 / (PREFILTER_SAMPLES * d)
         sin_theta = torch.sqrt((1.0 - light[..., 2] ** 2).clamp_min(1e-4))
-        lod = 0.5 * torch.log2(sample_solid_angle / (source_texel * sin_theta * math.pi / 2)) + 1.0
+        lod = 0.5 * torch.log2(sample_solid_angle / (source_texel * sin_theta * math.pi / 2)) + PREFILTER_LOD_BIAS
         weight = cos_l.clamp_min(0.0).expand(lod.shape)
         radiance = _sample_pyramid(pyramid, light.reshape(-1, 3), lod.reshape(-1)).reshape(*lod.shape, 3)
         filtered = (radiance * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp_min(1e-8)
@@ -494,7 +497,11 @@ def shade(
     reflected = 2.0 * cos_v[..., None] * normals - view_dirs
     metallic_ = metallic[..., None]
     f0 = DIELECTRIC_F0 * (1.0 - metallic_) + albedo * metallic_
-    specular = environment.prefiltered(reflected, roughness) * specular_albedo(f0, cos_v, roughness)
+    # The tables are prefiltered for a view along the normal. Seen at an angle, the reflected lobe is
+    # compressed by n·v along the plane of incidence (dω_l = 4 (v·h) dω_h), so small lights give
+    # sharper, brighter highlights: read the level whose lobe has the same solid angle, alpha' = alpha sqrt(n·v).
+    lobe_roughness = roughness * cos_v.clamp_min(VIEW_LOBE_MIN_COS) ** 0.25
+    specular = environment.prefiltered(reflected, lobe_roughness) * specular_albedo(f0, cos_v, roughness)
     # The Lambert base sits under the dielectric coat and receives what the coat does not reflect.
     coat = specular_albedo(torch.full_like(cos_v[..., None], DIELECTRIC_F0), cos_v, roughness)
     diffuse = albedo * (1.0 - metallic_) * (1.0 - coat) * environment.irradiance(normals)

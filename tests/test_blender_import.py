@@ -58,6 +58,9 @@ def test_blender_imports_a_principled_material_at_the_right_place(bpy, tmp_path)
     assert packed.image != base.image
 
 
+FLOORS = {"diffuse": 21.5, "glossy": 16.5}  # dB, honest margins below what is measured
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10.0 * np.log10(1.0 / np.mean((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2)))
 
@@ -100,6 +103,9 @@ def test_cycles_render_of_the_imported_asset_matches_our_render_of_the_field(bpy
     print(
         f"\nPSNR, Cycles render of the imported GLB vs our render of the field ({material}, {size} px): {value:.2f} dB"
     )
-    # Measured here: about 24 dB diffuse, 19 dB glossy. Cycles' 64-sample noise and the split-sum
-    # approximation of glossy reflections dominate the difference; the floor is only a sanity bound.
-    assert math.isfinite(value) and value > 16.0
+    # Measured here: 23.7 dB diffuse, 18.5 dB glossy. Diffuse: Cycles' 64 samples alone limit it to about
+    # 33 dB (two seeds agree to 30 dB), and pixels away from the checker edges reach 32.5 dB; the rest is
+    # one-pixel lines along the hard checker edges, where each renderer takes one point sample per pixel
+    # (not texture resolution: 2048 texels give 24.3 dB; no sub-pixel shift or blur explains it). Glossy:
+    # the split-sum approximation of reflections (tests/test_cycles_parity.py) dominates.
+    assert math.isfinite(value) and value > FLOORS[material]

@@ -110,10 +110,10 @@ def test_diffuse_sphere_matches_cycles(bpy, tmp_path):
 def test_glossy_sphere_matches_cycles(bpy, tmp_path):
     value = render_pair(bpy, tmp_path, albedo=(0.9, 0.7, 0.45), roughness=0.3, metallic=1.0)
     print(f"\nparity glossy (roughness 0.3, metallic 1): PSNR {value:.2f} dB inside the mask")
-    # Split-sum is an approximation where Cycles integrates exactly: it prefilters the environment
-    # assuming the view looks straight at the surface (n = v = r), so lobes are not stretched at
-    # grazing angles, and its roughness levels are interpolated; Blender's metals also use an F82
-    # Fresnel rather than Schlick. Cycles itself is still noisy in the highlights at this sample count.
-    # The mean colour agrees within 2%, but the small reflected lights differ in shape and spread, and
-    # they dominate the error; the floor here only catches a broken renderer (orientation, normals).
-    assert value >= 14.0
+    # Cycles' own noise is far below this (two seeds agree to 47 dB). What remains is split-sum: the
+    # environment is prefiltered for a view along the normal, and shade() only approximates the lobe's
+    # view-dependent narrowing by an equal-area roughness, so highlight shapes and peaks still differ
+    # (a brute-force GGX integral has peaks twice as bright as the n = v = r prefilter). Blender's metal
+    # Fresnel is Schlick here (F82 tint white adds nothing). Measured 20.0 dB (17.9 before the
+    # view-dependent roughness); the floor sits an honest margin below.
+    assert value >= 18.5
