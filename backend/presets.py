@@ -1,0 +1,113 @@
+"""Presets: what one reconstruction is allowed to spend, by name (DESIGN §4 "Presets").
+
+Until the feed-forward model exists (a later issue) every preset runs the refinement engine;
+`fast` is simply the shortest refinement. Each preset states its budget; the reference-GPU times
+are targets until `bench/` measures them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+from .refine import RefineConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    refine: RefineConfig
+    resolution: int  # marching-cubes grid per axis
+    texture_size: int  # baked texture width and height
+    target_faces: int  # simplify to this many faces
+    budget: str  # one line: what the preset spends and how long it should take
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset(
+        name="cpu",
+        refine=RefineConfig(
+            channels=8,
+            dense_resolution=32,
+            sparse_resolution=96,
+            hidden=32,
+            hull_resolution=48,
+            prefit_steps=60,
+            prefit_points=2048,
+            coarse_steps=300,
+            fine_steps=100,
+            rays_per_batch=256,
+            samples=16,
+            importance_samples=16,
+            regulariser_points=128,
+            psnr_rays=4096,
+        ),
+        resolution=96,
+        texture_size=256,
+        target_faces=10_000,
+        budget="refinement 60+300+100 steps of 256 rays, grids 32^3 + 96^3 sparse, 256 px textures, "
+        "10k faces; about a minute for 8 views of 48 px on a 2-core CPU",
+    ),
+    "fast": Preset(
+        name="fast",
+        refine=RefineConfig(
+            dense_resolution=48,
+            sparse_resolution=128,
+            coarse_steps=300,
+            fine_steps=200,
+            rays_per_batch=2048,
+        ),
+        resolution=192,
+        texture_size=1024,
+        target_faces=30_000,
+        budget="shortest refinement (no feed-forward model yet): 150+300+200 steps of 2048 rays, grids 48^3 + "
+        "128^3 sparse, 1024 px textures, 30k faces; target about 15 s on one H100 (not yet measured)",
+    ),
+    "standard": Preset(
+        name="standard",
+        refine=RefineConfig(
+            channels=16,
+            dense_resolution=64,
+            sparse_resolution=192,
+            coarse_steps=800,
+            fine_steps=800,
+            rays_per_batch=4096,
+            samples=48,
+            importance_samples=32,
+        ),
+        resolution=256,
+        texture_size=2048,
+        target_faces=100_000,
+        budget="refinement 150+800+800 steps of 4096 rays, grids 64^3 + 192^3 sparse, 2048 px textures, "
+        "100k faces; target at most 60 s on one H200 (not yet measured)",
+    ),
+    "high": Preset(
+        name="high",
+        refine=RefineConfig(
+            channels=32,
+            dense_resolution=64,
+            sparse_resolution=256,
+            hidden=96,
+            hull_resolution=96,
+            prefit_steps=300,
+            coarse_steps=1500,
+            fine_steps=2500,
+            rays_per_batch=8192,
+            samples=64,
+            importance_samples=64,
+            environment_height=16,
+        ),
+        resolution=384,
+        texture_size=4096,
+        target_faces=250_000,
+        budget="refinement 300+1500+2500 steps of 8192 rays, grids 64^3 + 256^3 sparse, 4096 px textures, "
+        "250k faces; target about 4 minutes on one H200 (not yet measured)",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset of that name, or an InputError listing the names there are."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset '{name}'; use one of {', '.join(PRESETS)}.")
+    return PRESETS[name]

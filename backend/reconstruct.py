@@ -1,0 +1,209 @@
+"""One reconstruction: bundle in, relightable GLB out (DESIGN §3).
+
+load + validate -> drop unusable views (with a warning) -> canonical box -> engine -> field checks
+-> export in world space, atomically. Bad input becomes an `InputError` with one sentence before any
+file is written; a view that can be left out becomes a warning in the result instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from dataclasses import field as default_field
+from pathlib import Path
+
+import torch
+
+from .bundle import Bundle, canonical_normalisation, load_bundle
+from .cameras import Cameras, Normalisation, project
+from .device import pick_device
+from .errors import InputError
+from .export import check_export_arguments, export_glb
+from .field import SurfaceField
+from .presets import get_preset
+from .progress import Progress, no_progress
+from .refine import Cancelled, DivergenceError, RefineReport, refine
+from .shading import Environment
+
+ENGINES = ("refine",)  # the feed-forward engine joins with the model issue
+MIN_VIEWS = 2  # one view cannot place a surface in depth
+FEW_VIEWS = 4  # below this the back of the object is guessed: say so
+MASK_THRESHOLD = 0.5  # a pixel at or above this mask value is foreground
+# A view "sees the box" when any point of this lattice over the canonical box projects into its image.
+BOX_PROBE_POINTS = 9
+
+
+@dataclass
+class ReconstructionResult:
+    path: Path  # the GLB written
+    timings: dict[str, float]  # seconds per stage, plus "total"
+    warnings: list[str]  # one sentence each: what was wrong with the input and what was done about it
+    training_psnr: float  # dB on the training views (see RefineReport.training_psnr)
+    preset: str
+    engine: str
+    device: str
+    views_used: int
+    refine_report: RefineReport | None = None
+    export_stats: dict[str, float] = default_field(default_factory=dict)  # face counts along the export path
+    field: SurfaceField | None = None  # the reconstructed field, canonical frame (for relighting, previews)
+    normalisation: Normalisation | None = None  # world <-> canonical frame of `field`
+
+
+def reconstruct(
+    bundle: Path | str | Bundle,
+    out: Path | str,
+    *,
+    preset: str = "standard",
+    engine: str = "refine",
+    device: torch.device | str = "auto",
+    progress: Progress = no_progress,
+    should_stop: Callable[[], bool] | None = None,
+) -> ReconstructionResult:
+    """Reconstruct a bundle (folder, transforms.json or a loaded Bundle) into a GLB at `out`, in world space.
+
+    preset: one of backend.presets.PRESETS; engine: one of ENGINES; device: "auto", "cuda", "mps",
+    "cpu" or a torch.device. progress gets (stage, fraction) for "load", "visual hull", "coarse",
+    "fine" and the export stages; should_stop is polled every step (raises refine.Cancelled).
+    Raises InputError (one sentence, nothing written) when the input cannot give a surface.
+    """
+    begin = time.perf_counter()
+    out = Path(out)
+    chosen = get_preset(preset)
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}.")
+    check_export_arguments(out, chosen.resolution, chosen.texture_size, chosen.target_faces)
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage], clock = now - clock, now
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(Path(bundle))
+    progress("load", 1.0)
+    lap("load")
+
+    warnings: list[str] = []
+    bundle = _views_with_foreground(bundle, warnings)
+    normalisation = canonical_normalisation(bundle)
+    cameras = normalisation.cameras_to_canonical(bundle.cameras)
+    keep = _views_seeing_the_box(cameras, bundle.names, warnings)
+    bundle = _select(bundle, keep)
+    cameras = cameras[keep]
+    if len(keep) < FEW_VIEWS:
+        warnings.append(
+            f"only {len(keep)} usable views; the unseen sides of the object are guessed, so capture "
+            f"{FEW_VIEWS} or more around it for a better result."
+        )
+    environment = None
+    if bundle.environment is not None:
+        spec = bundle.environment
+        environment = Environment.load(spec.path, spec.rotation_z, spec.strength, device)
+    lap("validate")
+
+    try:
+        result = refine(
+            cameras.to(device),
+            bundle.images,
+            bundle.masks,
+            chosen.refine,
+            environment=environment,
+            progress=progress,
+            should_stop=should_stop,
+        )
+    except DivergenceError as error:
+        raise InputError(
+            f"the reconstruction diverged ({error}); check that the masks and camera poses match the images."
+        ) from None
+    timings.update({stage: report.seconds for stage, report in result.report.stages.items()})
+    if should_stop is not None and should_stop():
+        raise Cancelled("reconstruction cancelled before export")
+    stats: dict[str, float] = {}
+    export_glb(
+        result.field,
+        out,
+        normalisation,
+        resolution=chosen.resolution,
+        texture_size=chosen.texture_size,
+        target_faces=chosen.target_faces,
+        name=bundle.root.name or "reconstruction",
+        progress=progress,
+        stats=stats,
+    )
+    timings.update({key.removesuffix(" s"): value for key, value in stats.items() if key.endswith(" s")})
+    timings["total"] = time.perf_counter() - begin
+    return ReconstructionResult(
+        path=out,
+        timings=timings,
+        warnings=warnings,
+        training_psnr=result.report.training_psnr,
+        preset=chosen.name,
+        engine=engine,
+        device=str(device),
+        views_used=len(keep),
+        refine_report=result.report,
+        export_stats={key: value for key, value in stats.items() if not key.endswith(" s")},
+        field=result.field,
+        normalisation=normalisation,
+    )
+
+
+def _select(bundle: Bundle, views: list[int]) -> Bundle:
+    """The bundle restricted to some views (ground-truth buffers included)."""
+    return replace(
+        bundle,
+        names=[bundle.names[v] for v in views],
+        cameras=bundle.cameras[views],
+        images=bundle.images[views],
+        masks=bundle.masks[views],
+        ground_truth={key: value[views] for key, value in bundle.ground_truth.items()},
+    )
+
+
+def _views_with_foreground(bundle: Bundle, warnings: list[str]) -> Bundle:
+    """Drop views whose mask is empty (with a warning): they would carve the whole object away."""
+    if len(bundle.names) < MIN_VIEWS:
+        raise InputError(
+            f"the bundle has {len(bundle.names)} view; a surface needs at least {MIN_VIEWS} views from different "
+            "directions, so capture more views around the object."
+        )
+    foreground = (bundle.masks >= MASK_THRESHOLD).flatten(1).any(1)
+    if not foreground.any():
+        raise InputError(
+            "every view's mask is empty (no pixel has alpha >= 0.5), so there is no object to reconstruct; "
+            "render the views with a transparent background or give masks."
+        )
+    empty = [name for name, seen in zip(bundle.names, foreground.tolist(), strict=True) if not seen]
+    keep = foreground.nonzero()[:, 0].tolist()
+    if len(keep) < MIN_VIEWS:
+        raise InputError(
+            f"only view '{bundle.names[keep[0]]}' shows the object (the other masks are empty); a surface needs at "
+            f"least {MIN_VIEWS} views that see it."
+        )
+    if empty:
+        warnings.append(f"left out {len(empty)} views with an empty mask ({', '.join(empty)}); check those images.")
+    return _select(bundle, keep)
+
+
+def _views_seeing_the_box(cameras: Cameras, names: list[str], warnings: list[str]) -> list[int]:
+    """Indices of the canonical-frame cameras that see some of the box; the others are dropped with a warning."""
+    axis = torch.linspace(-1.0, 1.0, BOX_PROBE_POINTS)
+    lattice = torch.cartesian_prod(axis, axis, axis).to(cameras.c2w)
+    uv, depth = project(cameras, lattice)
+    inside = (depth > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < cameras.width)
+    inside &= (uv[..., 1] >= 0) & (uv[..., 1] < cameras.height)
+    sees = inside.any(1).tolist()
+    keep = [view for view, seen in enumerate(sees) if seen]
+    if len(keep) < MIN_VIEWS:
+        raise InputError(
+            f"{len(keep)} of {len(names)} cameras look at the region to reconstruct; fix the camera poses or the "
+            "bundle's 'aabb' so that at least two cameras see the object."
+        )
+    if len(keep) < len(names):
+        missed = [names[view] for view, seen in enumerate(sees) if not seen]
+        warnings.append(f"left out {len(missed)} views whose cameras miss the object ({', '.join(missed)}).")
+    return keep

@@ -1,0 +1,447 @@
+"""Engine B: test-time refinement of the field against the input views (DESIGN §4).
+
+The same `FeatureField` the transformer predicts is optimised directly, through the one renderer
+(`render.render_rays`), against the views' colours and masks:
+
+1. "visual hull": carve the masks into an occupancy grid, turn it into a signed distance with a
+   distance transform, and fit the field to it briefly (skipped when a starting field is given);
+2. "coarse": the dense feature grid, decoder heads and VolSDF beta, against the images;
+3. "fine": the sparse high-resolution grid is allocated only in voxels near the current surface
+   (LSRM's coarse-to-fine idea, per object) and trained together with the rest.
+
+Losses: mask (rendered opacity vs the mask), photometric (premultiplied linear RGB, clipped at 1 as
+8-bit inputs are, vs image x mask),
+eikonal (|grad sdf| = 1 along rays and in the box), smoothness (normals of nearby surface points
+agree) and light material regularisers (materials vary smoothly; the LIRM offset stays small).
+Lighting is the known environment when given, else a low-resolution equirectangular map estimated
+jointly (its split-sum tables are differentiable with respect to its pixels). Everything is seeded:
+the same inputs and config give the same field on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
+from torch import nn
+
+from .cameras import Cameras, image_rays, visual_hull
+from .errors import InputError
+from .field import FeatureField, FieldConfig, grid_indices_and_weights
+from .progress import Progress, no_progress
+from .render import RenderOptions, RenderOutput, render_rays
+from .shading import Environment
+
+
+class Cancelled(Exception):  # noqa: N818 (the name the service and CLI catch; it is not an error)
+    """Raised when the caller's `should_stop()` says so; the partial field is discarded."""
+
+
+class DivergenceError(RuntimeError):
+    """The optimisation produced non-finite values (it diverged); nothing it made may be exported."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    mask: float = 0.5  # binary cross-entropy of rendered opacity against the mask
+    photometric: float = 1.0  # L1 of premultiplied linear RGB against image x mask
+    eikonal: float = 0.2  # (|grad sdf| - 1)^2 along the rays and at random points in the box
+    smoothness: float = 0.3  # squared difference of unit normals at nearby surface points
+    material: float = 0.01  # L1 difference of albedo, roughness, metallic at nearby surface points
+    offset: float = 0.1  # L1 of LIRM's effective offset: opacity should come from the surface itself
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Every number of one refinement. Presets (backend/presets.py) pick these per budget."""
+
+    seed: int = 0
+    # The field.
+    channels: int = 16
+    dense_resolution: int = 48
+    sparse_resolution: int = 128
+    hidden: int = 64
+    hidden_layers: int = 2
+    beta_init: float = 0.03  # canonical units; wide at first so gradients reach the surface from afar
+    initial_roughness: float = 0.6  # materials start as a fairly rough dielectric ...
+    initial_metallic: float = 0.05  # ... (sigmoid heads: their biases are set to these values' logits)
+    # The visual-hull start.
+    hull_resolution: int = 64
+    hull_mask_threshold: float = 0.5
+    prefit_steps: int = 150
+    prefit_points: int = 8192
+    prefit_near_surface: float = 0.5  # share of pre-fit points drawn next to the hull's surface
+    prefit_learning_rate: float = 1e-2
+    # The two image stages.
+    coarse_steps: int = 300
+    fine_steps: int = 300
+    fine_band: float | None = None  # canonical units around the surface to allocate; None: the field's default
+    rays_per_batch: int = 1024
+    foreground_fraction: float = 0.7  # share of each batch's rays through masked pixels
+    samples: int = 32  # uniform samples per ray
+    importance_samples: int = 32
+    grid_learning_rate: float = 5e-3  # the dense feature grid
+    sparse_learning_rate: float = 2e-3  # the fine grid: lower, its voxels are small and each sees few rays
+    network_learning_rate: float = 1e-2  # decoder heads and beta
+    final_learning_rate_fraction: float = 0.1  # each stage decays exponentially to this share of its start
+    weights: LossWeights = field(default_factory=LossWeights)
+    regulariser_points: int = 1024  # random box points for the eikonal term, per step
+    smoothness_distance: float = 0.01  # canonical units between the paired surface points
+    # The estimated environment (used only when no known lighting is given).
+    environment_height: int = 8  # equirectangular [h, 2h]: low frequency by construction
+    environment_learning_rate: float = 2e-2
+    assumed_albedo: float = 0.5  # initial lighting level = mean foreground colour / this (fixes the scale)
+    # Evaluation.
+    psnr_rays: int = 8192  # fixed seeded subset of training pixels the report's PSNR is measured on
+
+
+@dataclass
+class StageReport:
+    steps: int
+    seconds: float
+    losses: dict[str, float]  # each term's mean over the stage's last tenth of steps
+
+
+@dataclass
+class RefineReport:
+    stages: dict[str, StageReport]
+    training_psnr: float  # dB: linear RGB over black, clipped at 1 like the inputs, vs image x mask; `psnr_rays` pixels
+    sparse_voxels: int
+    lighting: str  # "known" or "estimated"
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stages": {name: vars(stage) for name, stage in self.stages.items()},
+            "training_psnr": self.training_psnr,
+            "sparse_voxels": self.sparse_voxels,
+            "lighting": self.lighting,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class RefineResult:
+    field: FeatureField
+    environment: Environment  # the lighting the field was fitted under (known, or the estimate)
+    report: RefineReport
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data: every pixel as a ray, with its premultiplied colour and mask
+
+
+@dataclass
+class _Rays:
+    origins: torch.Tensor  # [P, 3] canonical
+    directions: torch.Tensor  # [P, 3] unit
+    colours: torch.Tensor  # [P, 3] linear image x mask
+    masks: torch.Tensor  # [P]
+    foreground: torch.Tensor  # [F] indices of pixels with mask >= 0.5
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def sample(self, count: int, foreground_fraction: float) -> torch.Tensor:
+        """Indices of a batch: a share through the object, the rest anywhere (the mask loss needs both)."""
+        on_object = round(count * foreground_fraction) if len(self.foreground) else 0
+        device = self.masks.device
+        picked = self.foreground[torch.randint(len(self.foreground), (on_object,), device=device)]
+        anywhere = torch.randint(len(self), (count - on_object,), device=device)
+        return torch.cat([picked, anywhere])
+
+
+def _training_rays(cameras: Cameras, images: torch.Tensor, masks: torch.Tensor) -> _Rays:
+    origins, directions = image_rays(cameras)
+    masks = masks.reshape(-1).float()
+    return _Rays(
+        origins=origins.reshape(-1, 3),
+        directions=directions.reshape(-1, 3),
+        colours=(images.reshape(-1, 3) * masks[:, None]).float(),
+        masks=masks,
+        foreground=(masks >= 0.5).nonzero()[:, 0],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual hull start
+
+
+def visual_hull_sdf(cameras: Cameras, masks: torch.Tensor, resolution: int, threshold: float = 0.5) -> torch.Tensor:
+    """Signed distance [R, R, R] (canonical units, indexed [x, y, z], cell-centred) to the masks' visual hull.
+
+    cameras are in the canonical frame; the grid covers the box [-1, 1]^3.
+    """
+    box = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    occupancy = visual_hull(cameras, masks, box, resolution, threshold).cpu().numpy()
+    if not occupancy.any():
+        raise InputError(
+            "the masks carve away the whole canonical box (their visual hull is empty); check that every view's "
+            "mask covers the object and that the camera poses are right."
+        )
+    # Distances between voxel centres; the surface lies half a voxel between an inside and an outside centre.
+    outside = distance_transform_edt(~occupancy) - 0.5
+    inside = distance_transform_edt(occupancy) - 0.5
+    sdf = np.where(occupancy, -inside, outside) * (2.0 / resolution)
+    return torch.from_numpy(sdf.astype(np.float32))
+
+
+def _trilinear(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear read of a cell-centred scalar grid [R, R, R] over [-1, 1]^3 at points [N, 3]."""
+    resolution = grid.shape[0]
+    indices, weights = grid_indices_and_weights(points, resolution)
+    linear = (indices[..., 0] * resolution + indices[..., 1]) * resolution + indices[..., 2]
+    return (grid.reshape(-1)[linear] * weights).sum(-1)
+
+
+def _prefit(
+    model: FeatureField, sdf: torch.Tensor, config: RefineConfig, step: Callable[[int, int], None]
+) -> dict[str, float]:
+    """Fit the field's SDF to a grid of signed distances (L1), half the points next to its surface."""
+    resolution = sdf.shape[0]
+    voxel = 2.0 / resolution
+    near = (sdf.abs() < 2.0 * voxel).nonzero().to(sdf.device)  # voxels the surface runs through
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.prefit_learning_rate)
+    near_count = round(config.prefit_points * config.prefit_near_surface) if len(near) else 0
+    loss = torch.zeros(())
+    for index in range(config.prefit_steps):
+        step(index, config.prefit_steps)
+        chosen = near[torch.randint(len(near), (near_count,), device=sdf.device)]
+        jitter = torch.rand(near_count, 3, device=sdf.device)
+        near_points = -1.0 + (chosen.float() + jitter) * voxel
+        box_points = torch.rand(config.prefit_points - near_count, 3, device=sdf.device) * 2.0 - 1.0
+        points = torch.cat([near_points, box_points])
+        loss = (model.sdf(points) - _trilinear(sdf, points)).abs().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return {"sdf l1": float(loss.detach())}
+
+
+def initial_field(config: RefineConfig, device: torch.device | str) -> FeatureField:
+    """A fresh FeatureField of the config's sizes, materials biased to a rough dielectric."""
+    model = FeatureField(
+        FieldConfig(
+            channels=config.channels,
+            dense_resolution=config.dense_resolution,
+            sparse_resolution=config.sparse_resolution,
+            hidden=config.hidden,
+            hidden_layers=config.hidden_layers,
+            beta_init=config.beta_init,
+        )
+    ).to(device)
+    with torch.no_grad():
+        bias = model.decoder.material.bias  # albedo (3), roughness, metallic through a sigmoid
+        bias[3] = math.log(config.initial_roughness / (1.0 - config.initial_roughness))
+        bias[4] = math.log(config.initial_metallic / (1.0 - config.initial_metallic))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Lighting
+
+
+class EstimatedEnvironment(nn.Module):
+    """A learnable low-resolution equirectangular environment (positive through exp)."""
+
+    def __init__(self, height: int, level: float) -> None:
+        super().__init__()
+        self.log_image = nn.Parameter(torch.full((height, 2 * height, 3), math.log(max(level, 1e-4))))
+
+    def environment(self) -> Environment:
+        return Environment(self.log_image.exp())
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def _clipped(out: RenderOutput) -> torch.Tensor:
+    """Premultiplied colour as an 8-bit input image holds it: the straight colour clipped at 1, times alpha."""
+    return torch.minimum(out.rgb, out.alpha)
+
+
+def _losses(
+    model: FeatureField,
+    rays: _Rays,
+    batch: torch.Tensor,
+    environment: Environment,
+    config: RefineConfig,
+    options: RenderOptions,
+) -> dict[str, torch.Tensor]:
+    out = render_rays(model, rays.origins[batch], rays.directions[batch], environment, options)
+    mask = rays.masks[batch, None]
+    alpha = out.alpha.clamp(1e-4, 1.0 - 1e-4)
+    terms = {
+        "mask": F.binary_cross_entropy(alpha, mask),
+        "photometric": (_clipped(out) - rays.colours[batch]).abs().mean(),
+    }
+
+    # Regularisers at points where the rendered surface is, each paired with a nearby point, and at
+    # random points in the box (the eikonal term must hold where no ray has looked yet).
+    solid = (out.alpha[:, 0] > 0.5) & (mask[:, 0] > 0.5)
+    surface = (rays.origins[batch] + rays.directions[batch] * out.depth)[solid].detach()
+    neighbours = surface + torch.randn_like(surface) * config.smoothness_distance
+    box = torch.rand(config.regulariser_points, 3, device=surface.device) * 2.0 - 1.0
+    points = torch.cat([surface, neighbours, box]).requires_grad_(True)
+    sample = model(points)
+    (gradient,) = torch.autograd.grad(sample.sdf.sum(), points, create_graph=True)
+    terms["eikonal"] = 0.5 * (((gradient.norm(dim=-1) - 1.0) ** 2).mean() + out.eikonal.mean())
+    count = len(surface)
+    if count:
+        normals = F.normalize(gradient[: 2 * count], dim=-1)
+        terms["smoothness"] = ((normals[:count] - normals[count:]) ** 2).sum(-1).mean()
+        materials = torch.cat([sample.albedo, sample.roughness[:, None], sample.metallic[:, None]], dim=-1)
+        terms["material"] = (materials[:count] - materials[count : 2 * count]).abs().mean()
+        terms["offset"] = sample.offset[: 2 * count].abs().mean()
+    return terms
+
+
+def _weighted(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    return sum(getattr(weights, name) * value for name, value in terms.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+def refine(
+    cameras: Cameras,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    config: RefineConfig | None = None,
+    *,
+    environment: Environment | None = None,
+    start: FeatureField | None = None,
+    progress: Progress = no_progress,
+    should_stop: Callable[[], bool] | None = None,
+) -> RefineResult:
+    """Optimise a FeatureField so that rendering it through `cameras` reproduces the images and masks.
+
+    cameras: canonical frame (the box [-1, 1]^3 holds the object), on the device to run on.
+    images [V, H, W, 3] linear with straight alpha, masks [V, H, W] in [0, 1].
+    environment: the known lighting (world orientation; the canonical frame shares the world's axes),
+    or None to estimate a low-frequency one jointly. start: a field to refine instead of the visual
+    hull (e.g. Engine A's prediction); it is modified in place. progress gets ("visual hull" | "coarse"
+    | "fine", fraction); should_stop is polled every step and `Cancelled` is raised when it says so.
+    """
+    config = config or RefineConfig()
+    device = cameras.device
+    begin = time.perf_counter()
+    forked = [device] if device.type == "cuda" else []
+    with _deterministic(device.type == "cpu"), torch.random.fork_rng(devices=forked):
+        torch.manual_seed(config.seed)
+        images, masks = images.to(device), masks.to(device)
+        rays = _training_rays(cameras, images, masks)
+        if len(rays.foreground) == 0:
+            raise InputError("every mask is empty, so there is no object to reconstruct; give views with alpha masks.")
+        stages: dict[str, StageReport] = {}
+
+        def checkpoint(stage: str, index: int, total: int) -> None:
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"refinement cancelled during '{stage}'")
+            progress(stage, index / max(total, 1))
+
+        model = start
+        if model is None:
+            clock = time.perf_counter()
+            model = initial_field(config, device)
+            sdf = visual_hull_sdf(cameras, masks, config.hull_resolution, config.hull_mask_threshold).to(device)
+            losses = _prefit(model, sdf, config, lambda i, n: checkpoint("visual hull", i, n))
+            stages["visual hull"] = StageReport(config.prefit_steps, time.perf_counter() - clock, losses)
+            progress("visual hull", 1.0)
+
+        estimated = None
+        if environment is None:
+            level = float(rays.colours[rays.foreground].mean()) / config.assumed_albedo
+            estimated = EstimatedEnvironment(config.environment_height, level).to(device)
+        options = RenderOptions(
+            samples=config.samples,
+            importance_samples=config.importance_samples,
+            chunk_rays=config.rays_per_batch,
+            jitter=True,
+        )
+
+        def train(stage: str, steps: int) -> None:
+            clock = time.perf_counter()
+            groups = [
+                {"params": [model.dense], "lr": config.grid_learning_rate},
+                {"params": [model.sparse_features], "lr": config.sparse_learning_rate},
+                {"params": [*model.decoder.parameters(), model.log_beta], "lr": config.network_learning_rate},
+            ]
+            if estimated is not None:
+                groups.append({"params": estimated.parameters(), "lr": config.environment_learning_rate})
+            optimiser = torch.optim.Adam(groups)
+            decay = config.final_learning_rate_fraction ** (1.0 / max(steps, 1))
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, decay)
+            tail = max(1, steps // 10)
+            history: dict[str, list[float]] = {}
+            for index in range(steps):
+                checkpoint(stage, index, steps)
+                lighting = environment if estimated is None else estimated.environment()
+                batch = rays.sample(config.rays_per_batch, config.foreground_fraction)
+                terms = _losses(model, rays, batch, lighting, config, options)
+                loss = _weighted(terms, config.weights)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"the loss became non-finite at step {index} of '{stage}'")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                scheduler.step()
+                if index >= steps - tail:
+                    for name, value in terms.items():
+                        history.setdefault(name, []).append(float(value.detach()))
+            losses = {name: sum(values) / len(values) for name, values in history.items()}
+            stages[stage] = StageReport(steps, time.perf_counter() - clock, losses)
+            progress(stage, 1.0)
+
+        train("coarse", config.coarse_steps)
+        sparse_voxels = 0
+        if config.fine_steps > 0:
+            sparse_voxels = model.activate_near_surface(config.fine_band)
+            if sparse_voxels:
+                train("fine", config.fine_steps)
+
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise DivergenceError("the field's parameters became non-finite")
+        lighting = environment if estimated is None else Environment(estimated.log_image.detach().exp())
+        psnr = training_psnr(model, rays, lighting, options, config.psnr_rays)
+    report = RefineReport(stages, psnr, sparse_voxels, "known" if estimated is None else "estimated", 0.0)
+    report.seconds = time.perf_counter() - begin
+    return RefineResult(model, lighting, report)
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """Fix the order of parallel scatter-adds (many samples share a voxel), so CPU runs repeat exactly.
+
+    Only on the CPU: on CUDA the deterministic variants are slower and bit-exact repeats are not promised.
+    """
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@torch.no_grad()
+def training_psnr(
+    model: FeatureField, rays: _Rays, environment: Environment, options: RenderOptions, count: int
+) -> float:
+    """PSNR (dB) of the render against the training pixels, on a seeded subset of `count` pixels."""
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randperm(len(rays), generator=generator)[:count].to(rays.masks.device)
+    options = RenderOptions(options.samples, options.importance_samples, options.chunk_rays, jitter=False)
+    out = render_rays(model, rays.origins[batch], rays.directions[batch], environment, options)
+    mse = float(((_clipped(out) - rays.colours[batch]) ** 2).mean())
+    return -10.0 * math.log10(max(mse, 1e-12))

@@ -1,0 +1,155 @@
+"""Engine B: refinement of a tiny synthetic object against its own rendered views (CPU)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+from backend.data.synthetic import sample_scene
+from backend.errors import InputError
+from backend.mesh import extract_surface
+from backend.refine import Cancelled, RefineConfig, refine, visual_hull_sdf
+from backend.render import RenderOptions, render_views
+from backend.shading import Environment, builtin_environment
+
+SEED, VIEWS, PIXELS = 1, 8, 40
+# A field small enough to run a few steps in seconds on a 2-core CPU.
+TINY = RefineConfig(
+    channels=8,
+    dense_resolution=24,
+    sparse_resolution=64,
+    hidden=32,
+    hull_resolution=32,
+    prefit_steps=4,
+    prefit_points=512,
+    coarse_steps=3,
+    fine_steps=2,
+    rays_per_batch=64,
+    samples=12,
+    importance_samples=8,
+    regulariser_points=64,
+    psnr_rays=256,
+)
+
+
+@pytest.fixture(scope="module")
+def views():
+    """A seeded object's canonical cameras, linear images and masks under the studio world."""
+    scene = sample_scene(SEED, VIEWS, PIXELS)
+    environment = Environment.load(builtin_environment("studio"), rotation_z=0.5)
+    with torch.no_grad():
+        out = render_views(scene.object, scene.canonical_cameras, environment, RenderOptions(samples=48))
+    masks = out.alpha[..., 0].clamp(0.0, 1.0)
+    images = (out.rgb / out.alpha.clamp_min(1e-3)).clamp(0.0, 1.0)  # straight and clipped, as a PNG holds it
+    return scene, scene.canonical_cameras, images, masks, environment
+
+
+def _chamfer(a: np.ndarray, b: np.ndarray) -> float:
+    return 0.5 * float(cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
+
+
+def test_visual_hull_sdf_is_negative_inside_and_rejects_empty_masks(views):
+    scene, cameras, _, masks, _ = views
+    sdf = visual_hull_sdf(cameras, masks, 32)
+    inside = scene.object.sdf(torch.tensor([[0.0, 0.0, 0.0]])) < 0
+    assert sdf.shape == (32, 32, 32) and (sdf < 0).any() and (sdf > 0).any()
+    assert sdf[0, 0, 0] > 0.5  # a box corner is far outside any silhouette
+    if inside:
+        assert sdf[15:17, 15:17, 15:17].mean() < 0
+    with pytest.raises(InputError, match="visual hull is empty"):
+        visual_hull_sdf(cameras, torch.zeros_like(masks), 32)
+
+
+def test_same_seed_gives_the_same_field(views):
+    _, cameras, images, masks, environment = views
+    stages: list[str] = []
+    first = refine(cameras, images, masks, TINY, environment=environment, progress=lambda s, f: stages.append(s))
+    assert list(dict.fromkeys(stages)) == ["visual hull", "coarse", "fine"]
+    second = refine(cameras, images, masks, TINY, environment=environment)
+    assert first.report.sparse_voxels > 0 and set(first.report.stages) == {"visual hull", "coarse", "fine"}
+    for (name, a), b in zip(first.field.state_dict().items(), second.field.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    other = refine(cameras, images, masks, dataclasses.replace(TINY, seed=1), environment=environment)
+    assert not torch.equal(first.field.dense, other.field.dense)
+
+
+def test_estimated_environment_path_learns_a_finite_low_frequency_map(views):
+    _, cameras, images, masks, _ = views
+    result = refine(cameras, images, masks, TINY, environment=None)
+    image = result.environment.image
+    assert result.report.lighting == "estimated" and image.shape == (
+        TINY.environment_height,
+        2 * TINY.environment_height,
+        3,
+    )
+    assert torch.isfinite(image).all() and (image > 0).all()
+    assert image.std() > 0  # it moved away from its uniform start
+    assert np.isfinite(result.report.training_psnr)
+
+
+def test_cancel_stops_with_cancelled_and_progress_names_the_stages(views):
+    _, cameras, images, masks, environment = views
+    seen: list[str] = []
+    polls = iter(range(1000))
+
+    def stop() -> bool:
+        return next(polls) >= TINY.prefit_steps  # polled once per step: cancel at the first coarse step
+
+    with pytest.raises(Cancelled, match="coarse"):
+        refine(
+            cameras,
+            images,
+            masks,
+            TINY,
+            environment=environment,
+            should_stop=stop,
+            progress=lambda stage, fraction: seen.append(stage),
+        )
+    assert set(seen) == {"visual hull"}  # the cancelled coarse stage reported nothing
+
+
+def test_empty_masks_are_an_input_error(views):
+    _, cameras, images, masks, environment = views
+    with pytest.raises(InputError, match="mask"):
+        refine(cameras, images, torch.zeros_like(masks), TINY, environment=environment)
+
+
+# Measured with the config below (seed 1, 8 views of 40 px, CPU): 22.3 dB, Chamfer 0.029 from the hull's 0.037.
+PSNR_THRESHOLD = 20.0
+CHAMFER_SHRINK = 0.9  # refined Chamfer at most this share of the visual hull's
+
+
+@pytest.mark.slow
+def test_refinement_fits_its_views_and_improves_on_the_visual_hull(views):
+    scene, cameras, images, masks, environment = views
+    config = dataclasses.replace(
+        TINY,
+        dense_resolution=32,
+        sparse_resolution=96,
+        hull_resolution=48,
+        prefit_steps=60,
+        prefit_points=2048,
+        coarse_steps=300,
+        fine_steps=100,
+        rays_per_batch=256,
+        samples=16,
+        importance_samples=16,
+        regulariser_points=128,
+    )
+    hull = refine(
+        cameras, images, masks, dataclasses.replace(config, coarse_steps=0, fine_steps=0), environment=environment
+    )
+    result = refine(cameras, images, masks, config, environment=environment)
+
+    with torch.no_grad():
+        out = render_views(result.field, cameras, environment, RenderOptions(samples=16, importance_samples=16))
+    mse = float(((torch.minimum(out.rgb, out.alpha) - images * masks[..., None]) ** 2).mean())
+    psnr = -10.0 * np.log10(mse)
+    assert psnr > PSNR_THRESHOLD, psnr
+
+    truth = extract_surface(scene.object, 64).vertices
+    start = _chamfer(extract_surface(hull.field, 64).vertices, truth)
+    refined = _chamfer(extract_surface(result.field, 64).vertices, truth)
+    assert refined < CHAMFER_SHRINK * start, (start, refined)
