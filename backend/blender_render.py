@@ -17,6 +17,7 @@ import numpy as np
 import OpenEXR
 
 from .errors import InputError
+from .mesh import sample_triangles
 
 if TYPE_CHECKING:
     import bpy
@@ -176,25 +177,8 @@ def world_bounds(objects: Sequence) -> np.ndarray:
 
 
 def sample_surface(objects: Sequence, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Area-weighted random points on the objects' surfaces and their face normals, world space, [N, 3] each.
-
-    Normals follow the triangles' world-space winding (outward for a well-made mesh).
-    """
-    triangles = _world_triangles(objects)
-    edges_a, edges_b = triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0]
-    cross = np.cross(edges_a, edges_b)
-    areas = 0.5 * np.linalg.norm(cross, axis=1)
-    if not areas.sum() > 0.0:
-        raise InputError("the mesh has no surface area to sample; give an asset with non-degenerate faces")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(triangles), size=count, p=areas / areas.sum())
-    # Uniform barycentric coordinates: fold the unit square onto the triangle.
-    u, v = rng.random(count), rng.random(count)
-    folded = u + v > 1.0
-    u[folded], v[folded] = 1.0 - u[folded], 1.0 - v[folded]
-    points = triangles[chosen, 0] + u[:, None] * edges_a[chosen] + v[:, None] * edges_b[chosen]
-    normals = cross[chosen] / np.maximum(2.0 * areas[chosen, None], 1e-30)
-    return points.astype(np.float32), normals.astype(np.float32)
+    """Area-weighted random points on the objects' surfaces and their face normals, world space, [N, 3] each."""
+    return sample_triangles(_world_triangles(objects), count, seed)
 
 
 def bounding_sphere(bounds: np.ndarray) -> tuple[tuple[float, float, float], float]:

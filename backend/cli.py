@@ -61,6 +61,64 @@ def _export_gt(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _reconstruct(args: argparse.Namespace) -> None:
+    from .progress import TerminalProgress
+    from .reconstruct import reconstruct
+
+    result = reconstruct(
+        args.bundle, args.out, preset=args.preset, engine=args.engine, device=args.device, progress=TerminalProgress()
+    )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(result.path)
+    print(f"training PSNR {result.training_psnr:.2f} dB on {result.views_used} views ({result.device})")
+    for stage, seconds in result.timings.items():
+        print(f"{stage:<20} {seconds:8.2f} s")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvaluateConfig, evaluate
+    from .progress import TerminalProgress
+
+    config = EvaluateConfig(
+        preset=args.preset,
+        engine=args.engine,
+        device=args.device,
+        views=args.views,
+        test_views=args.test_views,
+        resolution=args.res,
+        samples=args.samples,
+        input_environment=args.input_env,
+        test_environment=args.test_env,
+        seed=args.seed,
+    )
+    report = evaluate(args.assets, args.out, config, progress=TerminalProgress())
+    for name, record in report["assets"].items():
+        print(
+            f"{name:<24} PSNR-H {record['psnr_h']:6.2f}  PSNR-L {record['psnr_l']:6.2f}  SSIM {record['ssim']:.4f}  "
+            f"Chamfer {record['chamfer']:.4f}  normal {record['normal_error_deg']:5.1f} deg"
+        )
+    print(f"metrics: {args.out / 'metrics.json'}\nsheet:   {args.out / 'sheet.png'}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    from .progress import TerminalProgress
+
+    metrics = run_demo(args.out, preset=args.preset, device=args.device, progress=TerminalProgress())
+    relit, geometry = metrics["relit"]["mean"], metrics["geometry"]
+    for warning in metrics["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    seconds = metrics["timings"]["demo total"]
+    print(
+        f"demo ({metrics['preset']} preset, {metrics['device']}, {seconds:.0f} s): relit under a "
+        f"new world PSNR-H {relit['psnr_h']:.2f} dB, PSNR-L {relit['psnr_l']:.2f} dB, SSIM {relit['ssim']:.3f}; "
+        f"Chamfer {geometry['chamfer']:.4f}, normal error {geometry['normal_error_deg']:.1f} deg"
+    )
+    print(f"asset:      {args.out / 'barrel.glb'}\ncomparison: {args.out / 'comparison.png'}")
+    print(f"metrics:    {args.out / 'metrics.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -90,6 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--resolution", type=int, default=256, help="marching-cubes grid size (default 256)")
     export.add_argument("--texture-size", type=int, default=1024, help="texture width and height (default 1024)")
     export.add_argument("--target-faces", type=int, default=100_000, help="simplify to this many faces; 0 keeps all")
+
+    from .presets import PRESETS
+    from .reconstruct import ENGINES
+
+    rebuild = command("reconstruct", _reconstruct, "reconstruct a bundle of posed views into a relightable GLB")
+    rebuild.add_argument("bundle", type=Path, help="bundle folder (or its transforms.json)")
+    rebuild.add_argument("--out", type=Path, required=True, help="GLB file to write")
+    rebuild.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
+    rebuild.add_argument("--engine", choices=ENGINES, default="refine", help="reconstruction engine (default refine)")
+
+    from .shading import BUILTIN_ENVIRONMENTS
+
+    evaluate = command("evaluate", _evaluate, "relighting benchmark: render assets in Blender, reconstruct, score")
+    evaluate.add_argument("assets", type=Path, nargs="+", metavar="ASSET", help=".glb, .gltf or .obj (+.mtl) files")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, sheet.png and renders")
+    evaluate.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
+    evaluate.add_argument("--engine", choices=ENGINES, default="refine", help="reconstruction engine (default refine)")
+    evaluate.add_argument("--views", type=int, default=16, help="input views per asset (default 16)")
+    evaluate.add_argument("--test-views", type=int, default=4, help="held-out relit views per asset (default 4)")
+    evaluate.add_argument("--res", type=int, default=256, help="image width and height in pixels (default 256)")
+    evaluate.add_argument("--samples", type=int, default=32, help="Cycles samples per pixel (default 32)")
+    evaluate.add_argument("--input-env", choices=BUILTIN_ENVIRONMENTS, default="studio", help="input lighting (studio)")
+    evaluate.add_argument("--test-env", choices=BUILTIN_ENVIRONMENTS, default="forest", help="test lighting (forest)")
+    evaluate.add_argument("--seed", type=int, default=0, help="camera layout, Cycles and sampling seed (default 0)")
+
+    demo = command("demo", _demo, "reconstruct the committed demo bundle, relight it under a new world and score it")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
+    demo.add_argument("--preset", choices=list(PRESETS), default=None, help="default: standard on a GPU, else cpu")
     return parser
 
 

@@ -24,6 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.measure import marching_cubes
 
+from .errors import InputError
 from .field import SurfaceField
 from .progress import Progress, no_progress
 
@@ -160,6 +161,32 @@ def extract_surface(
 def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     a, b, c = (vertices[faces[:, i]].astype(np.float64) for i in range(3))
     return 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+
+
+def sample_triangles(triangles: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Area-weighted random points on triangles [T, 3, 3] and their unit face normals, [count, 3] each.
+
+    Normals follow each triangle's winding (outward for a well-made mesh).
+    """
+    edges_a, edges_b = triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0]
+    cross = np.cross(edges_a, edges_b)
+    areas = 0.5 * np.linalg.norm(cross, axis=1)
+    if not areas.sum() > 0.0:
+        raise InputError("the mesh has no surface area to sample; give a mesh with non-degenerate faces")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(triangles), size=count, p=areas / areas.sum())
+    # Uniform barycentric coordinates: fold the unit square onto the triangle.
+    u, v = rng.random(count), rng.random(count)
+    folded = u + v > 1.0
+    u[folded], v[folded] = 1.0 - u[folded], 1.0 - v[folded]
+    points = triangles[chosen, 0] + u[:, None] * edges_a[chosen] + v[:, None] * edges_b[chosen]
+    normals = cross[chosen] / np.maximum(2.0 * areas[chosen, None], 1e-30)
+    return points.astype(np.float32), normals.astype(np.float32)
+
+
+def sample_points(mesh: Mesh, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Area-weighted random points on a mesh and their face normals, [count, 3] each."""
+    return sample_triangles(mesh.vertices[mesh.faces].astype(np.float64), count, seed)
 
 
 def _keep_faces(mesh: Mesh, keep: np.ndarray) -> Mesh:
