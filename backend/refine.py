@@ -113,7 +113,7 @@ class StageReport:
 @dataclass
 class RefineReport:
     stages: dict[str, StageReport]
-    training_psnr: float  # dB: linear RGB over black, clipped at 1 like the inputs, vs image x mask; `psnr_rays` pixels
+    training_psnr: float  # dB, linear RGB clipped at 1 vs image x mask, on `psnr_rays` foreground pixels
     sparse_voxels: int
     lighting: str  # "known" or "estimated"
     seconds: float
@@ -438,9 +438,13 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 def training_psnr(
     model: FeatureField, rays: _Rays, environment: Environment, options: RenderOptions, count: int
 ) -> float:
-    """PSNR (dB) of the render against the training pixels, on a seeded subset of `count` pixels."""
+    """PSNR (dB) of the render against the training pixels inside the masks, on a seeded subset of `count`.
+
+    Foreground only: background pixels are matched trivially and would inflate the number.
+    """
     generator = torch.Generator().manual_seed(0)
-    batch = torch.randperm(len(rays), generator=generator)[:count].to(rays.masks.device)
+    foreground = (rays.masks > 0.5).nonzero()[:, 0].cpu()
+    batch = foreground[torch.randperm(len(foreground), generator=generator)[:count]].to(rays.masks.device)
     options = RenderOptions(options.samples, options.importance_samples, options.chunk_rays, jitter=False)
     out = render_rays(model, rays.origins[batch], rays.directions[batch], environment, options)
     mse = float(((_clipped(out) - rays.colours[batch]) ** 2).mean())
