@@ -25,9 +25,7 @@ setup-test: $(VENV)/.test
 
 demo: setup
 	$(PY) -m backend info
-	$(PY) -m backend synth --seed 7 --views 8 --res 128 --out out/demo/bundle
-	$(PY) -m backend export-gt --seed 7 --resolution 192 --texture-size 512 --out out/demo/seed7_gt.glb
-	@echo "demo: bundle in out/demo/bundle, ground-truth asset in out/demo/seed7_gt.glb"
+	$(PY) -m backend demo --out out/demo
 
 # Everything, slow end-to-end tests included: what CI runs.
 test: setup-test
