@@ -1,5 +1,6 @@
 """`reconstruct` and `python -m backend reconstruct`: bundle in, world-placed GLB out; bad input refused."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,29 +17,15 @@ from backend.cli import main
 from backend.data.synthetic import write_synthetic_bundle
 from backend.gltf import Z_UP_TO_Y_UP
 from backend.reconstruct import reconstruct
-from backend.refine import Cancelled, RefineConfig
+from backend.refine import Cancelled
 from tests.conftest import REPO
 from tests.test_export import accessor_array, read_glb
+from tests.test_refine import TINY as TINY_REFINE
 
 # Enough steps to leave the visual hull's surface in place, few enough for seconds on a CPU.
 TINY = presets.Preset(
     name="tiny",
-    refine=RefineConfig(
-        channels=8,
-        dense_resolution=24,
-        sparse_resolution=64,
-        hidden=32,
-        hull_resolution=32,
-        prefit_steps=40,
-        prefit_points=1024,
-        coarse_steps=2,
-        fine_steps=2,
-        rays_per_batch=64,
-        samples=12,
-        importance_samples=8,
-        regulariser_points=64,
-        psnr_rays=256,
-    ),
+    refine=dataclasses.replace(TINY_REFINE, prefit_steps=40, prefit_points=1024),
     resolution=48,
     texture_size=64,
     target_faces=2000,

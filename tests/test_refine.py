@@ -10,6 +10,7 @@ from scipy.spatial import cKDTree
 from backend.data.synthetic import sample_scene
 from backend.errors import InputError
 from backend.mesh import extract_surface
+from backend.presets import get_preset
 from backend.refine import Cancelled, RefineConfig, refine, visual_hull_sdf
 from backend.render import RenderOptions, render_views
 from backend.shading import Environment, builtin_environment
@@ -124,20 +125,8 @@ CHAMFER_SHRINK = 0.9  # refined Chamfer at most this share of the visual hull's
 @pytest.mark.slow
 def test_refinement_fits_its_views_and_improves_on_the_visual_hull(views):
     scene, cameras, images, masks, environment = views
-    config = dataclasses.replace(
-        TINY,
-        dense_resolution=32,
-        sparse_resolution=96,
-        hull_resolution=48,
-        prefit_steps=60,
-        prefit_points=2048,
-        coarse_steps=300,
-        fine_steps=100,
-        rays_per_batch=256,
-        samples=16,
-        importance_samples=16,
-        regulariser_points=128,
-    )
+    # The `cpu` preset's own budget: the test states what that preset reaches.
+    config = dataclasses.replace(get_preset("cpu").refine, psnr_rays=TINY.psnr_rays)
     hull = refine(
         cameras, images, masks, dataclasses.replace(config, coarse_steps=0, fine_steps=0), environment=environment
     )
