@@ -14,37 +14,14 @@ import pytest
 import torch
 
 from backend.cameras import Cameras, opengl_to_opencv
-from backend.field import FieldSample
 from backend.render import RenderOptions, render_views
 from backend.shading import Environment, builtin_environment
+from tests.fields import UniformSphere
 
 RADIUS = 0.6
 SIZE = 96
 CYCLES_SAMPLES = 512
 WORLD_ROTATION = 0.6
-
-
-class AnalyticSphere:
-    """A uniform-material sphere at the origin: the smallest SurfaceField there is."""
-
-    def __init__(self, albedo, roughness: float, metallic: float) -> None:
-        self.albedo, self.roughness, self.metallic = torch.tensor(albedo), roughness, metallic
-
-    def sdf(self, points: torch.Tensor) -> torch.Tensor:
-        return points.norm(dim=-1) - RADIUS
-
-    def __call__(self, points: torch.Tensor) -> FieldSample:
-        count = len(points)
-        return FieldSample(
-            sdf=self.sdf(points),
-            albedo=self.albedo.expand(count, 3),
-            roughness=torch.full((count,), self.roughness),
-            metallic=torch.full((count,), self.metallic),
-        )
-
-    @property
-    def beta(self) -> torch.Tensor:
-        return torch.tensor(1e-3)  # a sharp surface, like the mesh Cycles sees
 
 
 def cycles_sphere(bpy, albedo, roughness: float, metallic: float) -> None:
@@ -87,7 +64,9 @@ def render_pair(bpy, tmp_path, albedo, roughness: float, metallic: float) -> flo
     cameras = Cameras(c2w[None], intrinsics, frame["w"], frame["h"])
     environment = Environment.load(world, rotation_z=WORLD_ROTATION)
     with torch.no_grad():
-        ours = render_views(AnalyticSphere(albedo, roughness, metallic), cameras, environment, RenderOptions())
+        ours = render_views(
+            UniformSphere(RADIUS, albedo, roughness, metallic, beta=1e-3), cameras, environment, RenderOptions()
+        )
     rgb, alpha = ours.rgb[0].numpy(), ours.alpha[0, ..., 0].numpy()
 
     # Fully covered pixels only, one pixel in from the silhouette (polygon edge vs. exact sphere).

@@ -5,7 +5,7 @@ import math
 import torch
 
 from backend.cameras import Cameras
-from backend.field import FeatureField, FieldConfig, FieldSample
+from backend.field import FeatureField, FieldConfig
 from backend.render import (
     RenderOptions,
     laplace_density,
@@ -14,32 +14,14 @@ from backend.render import (
     render_views,
 )
 from backend.shading import Environment
+from tests.fields import UniformSphere
 
 RADIUS = 0.5
 
 
-class Sphere:
-    """An analytic sphere with a grey material and a red radiance head."""
-
-    def __init__(self, beta: float = 0.005) -> None:
-        self._beta = torch.tensor(beta)
-
-    def sdf(self, points: torch.Tensor) -> torch.Tensor:
-        return points.norm(dim=-1) - RADIUS
-
-    def __call__(self, points: torch.Tensor) -> FieldSample:
-        count = len(points)
-        return FieldSample(
-            sdf=self.sdf(points),
-            albedo=torch.full((count, 3), 0.5),
-            roughness=torch.full((count,), 0.6),
-            metallic=torch.zeros(count),
-            radiance=torch.tensor([1.0, 0.0, 0.0]).expand(count, 3),
-        )
-
-    @property
-    def beta(self) -> torch.Tensor:
-        return self._beta
+def sphere(beta: float = 0.005) -> UniformSphere:
+    """A grey sphere with a red radiance head."""
+    return UniformSphere(RADIUS, (0.5, 0.5, 0.5), 0.6, 0.0, radiance=(1.0, 0.0, 0.0), beta=beta)
 
 
 def camera_on_z(distance: float = 3.0, size: int = 24, focal: float = 40.0) -> Cameras:
@@ -74,7 +56,7 @@ def test_laplace_density_and_box_intersection():
 def test_sphere_buffers_alpha_depth_normals():
     cameras = camera_on_z()
     with torch.no_grad():  # normals come from autograd even under no_grad
-        out = render_views(Sphere(), cameras, Environment.uniform(), RenderOptions(samples=32, importance_samples=32))
+        out = render_views(sphere(), cameras, Environment.uniform(), RenderOptions(samples=32, importance_samples=32))
     assert out.rgb.shape == (1, 24, 24, 3) and out.alpha.shape == (1, 24, 24, 1) and not out.rgb.requires_grad
 
     from backend.cameras import image_rays
@@ -104,8 +86,8 @@ def test_radiance_mode_and_chunking_agree():
     cameras = camera_on_z(size=12)
     options = RenderOptions(samples=24, importance_samples=16, chunk_rays=1000)
     with torch.no_grad():
-        whole = render_views(Sphere(), cameras, None, options)
-        pieces = render_views(Sphere(), cameras, None, RenderOptions(samples=24, importance_samples=16, chunk_rays=7))
+        whole = render_views(sphere(), cameras, None, options)
+        pieces = render_views(sphere(), cameras, None, RenderOptions(samples=24, importance_samples=16, chunk_rays=7))
     assert torch.allclose(whole.rgb, pieces.rgb, atol=1e-6)
     red = whole.rgb[whole.alpha[..., 0] > 0.999]
     assert torch.allclose(red, torch.tensor([1.0, 0.0, 0.0]).expand_as(red), atol=1e-3)
@@ -115,7 +97,7 @@ def test_importance_sampling_finds_a_sharp_surface():
     # With a tiny beta and few uniform samples, the surface still lands at the right depth.
     origins = torch.tensor([[0.0, 0.0, 3.0]]).repeat(5, 1)
     directions = torch.nn.functional.normalize(torch.tensor([[0.0, 0.03 * i, -1.0] for i in range(5)]), dim=-1)
-    out = render_rays(Sphere(beta=1e-4), origins, directions, None, RenderOptions(samples=8, importance_samples=32))
+    out = render_rays(sphere(beta=1e-4), origins, directions, None, RenderOptions(samples=8, importance_samples=32))
     assert (out.alpha > 0.999).all()
     # Uniform samples alone are 0.25 apart here; the resampled ones pin the surface ten times closer.
     assert (out.depth[:, 0] - sphere_hits(origins, directions)).abs().max() < 0.02
