@@ -6,7 +6,6 @@ This is the one entry point every engine's result and the synthetic ground truth
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from .errors import InputError
 from .field import SurfaceField
 from .gltf import write_glb
 from .mesh import clean, extract_surface, simplify, with_normals
-from .progress import Progress, no_progress
+from .progress import Progress, StageTimer, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +65,11 @@ def export_glb(
     """
     out = Path(out)
     check_export_arguments(out, resolution, texture_size, target_faces)
-    times: dict[str, float] = {}
     counts: dict[str, int] = {}
-    clock = time.perf_counter()
+    timer = StageTimer()
 
     def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        times[stage], clock = now - clock, now
+        timer.lap(stage)
         progress(stage, 1.0)
 
     mesh = extract_surface(field, resolution, progress=progress)
@@ -98,8 +94,9 @@ def export_glb(
     world = replace(mesh, vertices=vertices.numpy().astype(np.float32))
     write_glb(world, textures, out, name=name or out.stem)
     lap("write")
-    log.info("export %s: %s", out.name, ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in times.items()))
+    summary = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timer.seconds.items())
+    log.info("export %s: %s", out.name, summary)
     if stats is not None:
-        stats.update({f"{stage} s": seconds for stage, seconds in times.items()})
+        stats.update({f"{stage} s": seconds for stage, seconds in timer.seconds.items()})
         stats.update(counts)
     return out

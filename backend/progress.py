@@ -40,3 +40,15 @@ class TerminalProgress:
             self.stream.write(line + "\n")
             self.last_line = now
         self.stream.flush()
+
+
+class StageTimer:
+    """Seconds spent in each stage of a pipeline: call `lap(stage)` as each stage ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage], self._clock = now - self._clock, now

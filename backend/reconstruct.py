@@ -22,7 +22,7 @@ from .errors import InputError
 from .export import check_export_arguments, export_glb
 from .field import SurfaceField
 from .presets import get_preset
-from .progress import Progress, no_progress
+from .progress import Progress, StageTimer, no_progress
 from .refine import Cancelled, DivergenceError, RefineReport, refine
 from .shading import Environment
 
@@ -74,13 +74,8 @@ def reconstruct(
         raise InputError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}.")
     check_export_arguments(out, chosen.resolution, chosen.texture_size, chosen.target_faces)
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage], clock = now - clock, now
+    timer = StageTimer()
+    timings, lap = timer.seconds, timer.lap
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(Path(bundle))
