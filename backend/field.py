@@ -7,6 +7,7 @@ this interface: the learned `FeatureField` below and the analytic synthetic obje
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,50 @@ def _linear_index(indices: torch.Tensor, resolution: int) -> torch.Tensor:
     return (indices[..., 0] * resolution + indices[..., 1]) * resolution + indices[..., 2]
 
 
+def read_dense(dense: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear read of a cell-centred feature grid [C, R, R, R] (x, y, z) at points [N, 3] -> [N, C]."""
+    channels, resolution = dense.shape[0], dense.shape[1]
+    indices, weights = grid_indices_and_weights(points, resolution)
+    flat = dense.reshape(channels, -1)
+    corners = flat[:, _linear_index(indices, resolution).reshape(-1)].reshape(channels, len(points), 8)
+    return (corners * weights).sum(-1).T
+
+
+def _sparse_neighbours(
+    keys: torch.Tensor, resolution: int, points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 8 fine voxels around each point: whether each is active [N, 8], its row in the sparse
+    features [N, 8] (meaningless where inactive) and its trilinear weight [N, 8]."""
+    indices, weights = grid_indices_and_weights(points, resolution)
+    wanted = _linear_index(indices, resolution)
+    rows = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
+    found = (keys[rows] == wanted).to(weights.dtype)
+    return found, rows, weights
+
+
+def read_blended(
+    dense: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, resolution: int, points: torch.Tensor
+) -> torch.Tensor:
+    """Features at points [N, 3] from a dense grid [C, R, R, R] and a sparse fine grid (sorted linear voxel
+    keys [M] of a resolution^3 grid, features [M, C]): each of a point's 8 fine voxels contributes its own
+    feature where it is active and the dense feature at the point where not (LSRM §3.3's blend)."""
+    dense_part = read_dense(dense, points)
+    if len(keys) == 0:
+        return dense_part
+    found, rows, weights = _sparse_neighbours(keys, resolution, points)
+    sparse_weights = weights * found  # [N, 8]
+    sparse_part = (features[rows] * sparse_weights[..., None]).sum(1)
+    return sparse_part + (1.0 - sparse_weights.sum(1, keepdim=True)) * dense_part
+
+
+def sparse_weight(keys: torch.Tensor, resolution: int, points: torch.Tensor) -> torch.Tensor:
+    """How much of each point's blended feature comes from the sparse grid, [N] in [0, 1]."""
+    if len(keys) == 0:
+        return points.new_zeros(len(points))
+    found, _, weights = _sparse_neighbours(keys, resolution, points)
+    return (weights * found).sum(1)
+
+
 class FieldDecoder(nn.Module):
     """Small MLP heads from interpolated features [N, C] to a FieldSample (LSRM eq. 10-12).
 
@@ -165,36 +210,15 @@ class FeatureField(nn.Module):
 
     def dense_features(self, points: torch.Tensor) -> torch.Tensor:
         """Trilinear read of the dense grid at points [N, 3] -> [N, C]."""
-        resolution = self.config.dense_resolution
-        indices, weights = grid_indices_and_weights(points, resolution)
-        flat = self.dense.reshape(self.config.channels, -1)
-        corners = flat[:, _linear_index(indices, resolution).reshape(-1)].reshape(-1, len(points), 8)
-        return (corners * weights).sum(-1).T
+        return read_dense(self.dense, points)
 
     def features(self, points: torch.Tensor) -> torch.Tensor:
         """Blended dense + sparse features at points [N, 3] -> [N, C]."""
-        dense = self.dense_features(points)
-        if self.sparse_count == 0:
-            return dense
-        found, rows, weights = self._sparse_neighbours(points)
-        sparse_weights = weights * found  # [N, 8]
-        sparse = (self.sparse_features[rows] * sparse_weights[..., None]).sum(1)
-        return sparse + (1.0 - sparse_weights.sum(1, keepdim=True)) * dense
+        return read_blended(self.dense, self.sparse_keys, self.sparse_features, self.config.sparse_resolution, points)
 
     def sparse_mask(self, points: torch.Tensor) -> torch.Tensor:
         """How much of each point's feature comes from the sparse grid, [N] in [0, 1]."""
-        if self.sparse_count == 0:
-            return points.new_zeros(len(points))
-        found, _, weights = self._sparse_neighbours(points)
-        return (weights * found).sum(1)
-
-    def _sparse_neighbours(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        resolution = self.config.sparse_resolution
-        indices, weights = grid_indices_and_weights(points, resolution)
-        keys = _linear_index(indices, resolution)
-        rows = torch.searchsorted(self.sparse_keys, keys).clamp(max=self.sparse_count - 1)
-        found = (self.sparse_keys[rows] == keys).to(weights.dtype)
-        return found, rows, weights
+        return sparse_weight(self.sparse_keys, self.config.sparse_resolution, points)
 
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         return self.decoder.sdf(self.features(points))
@@ -292,3 +316,60 @@ def near_surface_voxels(
         centres = voxel_centres(candidates, resolution).to(device)
         voxels.append(candidates[(sdf(centres).abs() < band).cpu()])
     return torch.cat(voxels) if voxels else torch.zeros(0, 3, dtype=torch.long)
+
+
+class GridField:
+    """A field whose grids are tensors computed by a model rather than parameters (Engine A's output).
+
+    Reads and decodes exactly like `FeatureField` (the same readers and the model's `FieldDecoder`), and
+    stays differentiable in the grids, so training renders it and backpropagates into the transformer.
+    """
+
+    def __init__(
+        self,
+        config: FieldConfig,
+        decoder: FieldDecoder,
+        dense: torch.Tensor,
+        log_beta: torch.Tensor,
+        sparse_voxels: torch.Tensor | None = None,
+        sparse_features: torch.Tensor | None = None,
+    ) -> None:
+        """dense [C, R, R, R]; sparse_voxels [M, 3] integer fine voxels with features [M, C] (or None)."""
+        self.config, self.decoder, self.dense, self.log_beta = config, decoder, dense, log_beta
+        if sparse_voxels is None or len(sparse_voxels) == 0:
+            self.sparse_keys = torch.zeros(0, dtype=torch.long, device=dense.device)
+            self.sparse_features = dense.new_zeros(0, config.channels)
+        else:
+            keys, first = _unique_sorted(_linear_index(sparse_voxels.long(), config.sparse_resolution))
+            self.sparse_keys, self.sparse_features = keys, sparse_features[first]
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.log_beta.exp() + self.config.beta_min
+
+    def features(self, points: torch.Tensor) -> torch.Tensor:
+        return read_blended(self.dense, self.sparse_keys, self.sparse_features, self.config.sparse_resolution, points)
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        return self.decoder.sdf(self.features(points))
+
+    def __call__(self, points: torch.Tensor) -> FieldSample:
+        return self.decoder(self.features(points))
+
+    def detached(self) -> GridField:
+        """A float32 copy cut from the autograd graph (what export and refinement take)."""
+        field = copy.copy(self)
+        field.dense, field.log_beta = self.dense.detach().float(), self.log_beta.detach().float()
+        field.sparse_features = self.sparse_features.detach().float()
+        return field
+
+    def to_feature_field(self) -> FeatureField:
+        """A detached, trainable copy (the start of a refinement: `--engine both`)."""
+        field = FeatureField(self.config).to(self.dense.device)
+        field.decoder.load_state_dict(self.decoder.state_dict())
+        with torch.no_grad():
+            field.dense.copy_(self.dense.float())
+            field.log_beta.copy_(self.log_beta.float())
+        field.sparse_keys = self.sparse_keys.clone()
+        field.sparse_features = nn.Parameter(self.sparse_features.detach().float().clone())
+        return field

@@ -234,3 +234,27 @@ def render_views(
         outputs.append(render_rays(field, origins[start:end], directions[start:end], environment, options))
         progress("render", min(end, len(origins)) / len(origins))
     return RenderOutput.cat(outputs).map(lambda buffer: buffer.reshape(*shape, buffer.shape[-1]))
+
+
+@torch.no_grad()
+def peak_points(
+    field: SurfaceField, origins: torch.Tensor, directions: torch.Tensor, options: RenderOptions | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample of highest rendering weight along each ray [N, 3] and that weight [N].
+
+    LSRM §3.4 places an image token at the surface point its patch ray sees most: the opacity peak.
+    A ray that sees no surface still gets its largest (tiny) weight's sample: callers check the weight.
+    """
+    options = options or RenderOptions()
+    points, weights = [], []
+    for start in range(0, len(origins), options.chunk_rays):
+        o, d = origins[start : start + options.chunk_rays], directions[start : start + options.chunk_rays]
+        bins = _sample_distances(field, o, d, options)
+        distances = 0.5 * (bins[:, 1:] + bins[:, :-1])
+        sdf = field.sdf((o[:, None] + d[:, None] * distances[..., None]).reshape(-1, 3)).reshape(distances.shape)
+        weight, best = _weights(sdf, field.beta, bins.diff(dim=-1)).max(-1)
+        points.append(o + d * distances.gather(-1, best[:, None]))
+        weights.append(weight)
+    if not points:
+        return origins.new_zeros(0, 3), origins.new_zeros(0)
+    return torch.cat(points), torch.cat(weights)
