@@ -66,12 +66,19 @@ def _reconstruct(args: argparse.Namespace) -> None:
     from .reconstruct import reconstruct
 
     result = reconstruct(
-        args.bundle, args.out, preset=args.preset, engine=args.engine, device=args.device, progress=TerminalProgress()
+        args.bundle,
+        args.out,
+        preset=args.preset,
+        engine=args.engine,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        progress=TerminalProgress(),
     )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(result.path)
-    print(f"training PSNR {result.training_psnr:.2f} dB on {result.views_used} views ({result.device})")
+    psnr = f"{result.training_psnr:.2f} dB" if result.training_psnr is not None else "n/a (no refinement)"
+    print(f"engine {result.engine}, training PSNR {psnr} on {result.views_used} views ({result.device})")
     for stage, seconds in result.timings.items():
         print(f"{stage:<20} {seconds:8.2f} s")
 
@@ -83,6 +90,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     config = EvaluateConfig(
         preset=args.preset,
         engine=args.engine,
+        checkpoint=args.checkpoint,
         device=args.device,
         views=args.views,
         test_views=args.test_views,
@@ -152,11 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
     from .reconstruct import ENGINES
 
+    engine_help = "feedforward, refine or both (default: the preset's with --checkpoint, else refine)"
+
     rebuild = command("reconstruct", _reconstruct, "reconstruct a bundle of posed views into a relightable GLB")
     rebuild.add_argument("bundle", type=Path, help="bundle folder (or its transforms.json)")
     rebuild.add_argument("--out", type=Path, required=True, help="GLB file to write")
     rebuild.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
-    rebuild.add_argument("--engine", choices=ENGINES, default="refine", help="reconstruction engine (default refine)")
+    rebuild.add_argument("--engine", choices=ENGINES, default=None, help=engine_help)
+    rebuild.add_argument("--checkpoint", type=Path, default=None, help="LSRM model weights (.safetensors)")
 
     from .shading import BUILTIN_ENVIRONMENTS
 
@@ -164,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("assets", type=Path, nargs="+", metavar="ASSET", help=".glb, .gltf or .obj (+.mtl) files")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, sheet.png and renders")
     evaluate.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
-    evaluate.add_argument("--engine", choices=ENGINES, default="refine", help="reconstruction engine (default refine)")
+    evaluate.add_argument("--engine", choices=ENGINES, default=None, help=engine_help)
+    evaluate.add_argument("--checkpoint", type=Path, default=None, help="LSRM model weights (.safetensors)")
     evaluate.add_argument("--views", type=int, default=16, help="input views per asset (default 16)")
     evaluate.add_argument("--test-views", type=int, default=4, help="held-out relit views per asset (default 4)")
     evaluate.add_argument("--res", type=int, default=256, help="image width and height in pixels (default 256)")

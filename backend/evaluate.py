@@ -47,7 +47,8 @@ RESOLUTION_RANGE = (16, 4096)
 @dataclass(frozen=True)
 class EvaluateConfig:
     preset: str = "standard"
-    engine: str = "refine"
+    engine: str | None = None  # None: the preset's engine with a checkpoint, else refine (see reconstruct)
+    checkpoint: str | None = None  # an LSRM .safetensors file for the feed-forward engine
     device: str = "auto"
     views: int = 16  # input views rendered into the bundle
     test_views: int = 4  # held-out views scored under the test environment
@@ -76,7 +77,7 @@ def check_config(config: EvaluateConfig) -> None:
     from .reconstruct import ENGINES, MIN_VIEWS
 
     get_preset(config.preset)
-    if config.engine not in ENGINES:
+    if config.engine is not None and config.engine not in ENGINES:
         raise InputError(f"unknown engine '{config.engine}'; use one of {', '.join(ENGINES)}")
     if config.views < MIN_VIEWS:
         raise InputError(f"--views {config.views} is too few; reconstruction needs at least {MIN_VIEWS} input views")
@@ -164,6 +165,7 @@ def evaluate_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: 
         folder / "reconstruction.glb",
         preset=config.preset,
         engine=config.engine,
+        checkpoint=config.checkpoint,
         device=config.device,
         progress=progress,
     )

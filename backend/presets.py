@@ -1,7 +1,8 @@
 """Presets: what one reconstruction is allowed to spend, by name (DESIGN §4 "Presets").
 
-Until the feed-forward model exists (a later issue) every preset runs the refinement engine;
-`fast` is simply the shortest refinement. Each preset states its budget; the reference-GPU times
+With a checkpoint, `fast` is the feed-forward model alone and the others refine its field; without
+one (none ships yet) every preset runs the refinement engine from the visual hull and `fast` is
+simply the shortest refinement. Each preset states its budget; the reference-GPU times
 are targets until `bench/` measures them.
 """
 
@@ -21,6 +22,7 @@ class Preset:
     texture_size: int  # baked texture width and height
     target_faces: int  # simplify to this many faces
     budget: str  # one line: what the preset spends and how long it should take
+    engine: str = "both"  # the engine when a checkpoint is given (without one: "refine")
 
 
 PRESETS: dict[str, Preset] = {
@@ -60,6 +62,7 @@ PRESETS: dict[str, Preset] = {
         resolution=192,
         texture_size=1024,
         target_faces=30_000,
+        engine="feedforward",
         budget="shortest refinement (no feed-forward model yet): 150+300+200 steps of 2048 rays, grids 48^3 + "
         "128^3 sparse, 1024 px textures, 30k faces; target about 15 s on one H100 (not yet measured)",
     ),

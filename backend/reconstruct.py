@@ -20,13 +20,15 @@ from .cameras import Cameras, Normalisation, project
 from .device import pick_device
 from .errors import InputError
 from .export import check_export_arguments, export_glb
-from .field import SurfaceField
+from .feedforward import load_model, predict
+from .field import GridField, SurfaceField
 from .presets import get_preset
 from .progress import Progress, StageTimer, no_progress
 from .refine import Cancelled, DivergenceError, RefineReport, refine
 from .shading import Environment
 
-ENGINES = ("refine",)  # the feed-forward engine joins with the model issue
+# feedforward: Engine A alone; refine: Engine B from the visual hull; both: Engine B from Engine A's field.
+ENGINES = ("feedforward", "refine", "both")
 MIN_VIEWS = 2  # one view cannot place a surface in depth
 FEW_VIEWS = 4  # below this the back of the object is guessed: say so
 MASK_THRESHOLD = 0.5  # a pixel at or above this mask value is foreground
@@ -39,7 +41,7 @@ class ReconstructionResult:
     path: Path  # the GLB written
     timings: dict[str, float]  # seconds per stage, plus "total"
     warnings: list[str]  # one sentence each: what was wrong with the input and what was done about it
-    training_psnr: float  # dB on the training views (see RefineReport.training_psnr)
+    training_psnr: float | None  # dB on the training views (RefineReport.training_psnr); None without refinement
     preset: str
     engine: str
     device: str
@@ -55,25 +57,31 @@ def reconstruct(
     out: Path | str,
     *,
     preset: str = "standard",
-    engine: str = "refine",
+    engine: str | None = None,
+    checkpoint: Path | str | None = None,
     device: torch.device | str = "auto",
     progress: Progress = no_progress,
     should_stop: Callable[[], bool] | None = None,
 ) -> ReconstructionResult:
     """Reconstruct a bundle (folder, transforms.json or a loaded Bundle) into a GLB at `out`, in world space.
 
-    preset: one of backend.presets.PRESETS; engine: one of ENGINES; device: "auto", "cuda", "mps",
-    "cpu" or a torch.device. progress gets (stage, fraction) for "load", "visual hull", "coarse",
-    "fine" and the export stages; should_stop is polled every step (raises refine.Cancelled).
+    preset: one of backend.presets.PRESETS; engine: one of ENGINES, or None for the preset's engine when a
+    checkpoint is given and "refine" otherwise; checkpoint: an LSRM .safetensors file (Engine A);
+    device: "auto", "cuda", "mps", "cpu" or a torch.device. progress gets (stage, fraction) for "load",
+    "stage 1", "stage 2", "visual hull", "coarse", "fine" and the export stages; should_stop is polled
+    every refinement step (raises refine.Cancelled).
     Raises InputError (one sentence, nothing written) when the input cannot give a surface.
     """
     begin = time.perf_counter()
     out = Path(out)
     chosen = get_preset(preset)
+    if engine is None:
+        engine = chosen.engine if checkpoint is not None else "refine"
     if engine not in ENGINES:
         raise InputError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}.")
     check_export_arguments(out, chosen.resolution, chosen.texture_size, chosen.target_faces)
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
+    model = load_model(checkpoint, device) if engine != "refine" else None  # a bad checkpoint fails before any work
     timer = StageTimer()
     timings, lap = timer.seconds, timer.lap
 
@@ -100,26 +108,34 @@ def reconstruct(
         environment = Environment.load(spec.path, spec.rotation_z, spec.strength, device)
     lap("validate")
 
-    try:
-        result = refine(
-            cameras.to(device),
-            bundle.images,
-            bundle.masks,
-            chosen.refine,
-            environment=environment,
-            progress=progress,
-            should_stop=should_stop,
-        )
-    except DivergenceError as error:
-        raise InputError(
-            f"the reconstruction diverged ({error}); check that the masks and camera poses match the images."
-        ) from None
-    timings.update({stage: report.seconds for stage, report in result.report.stages.items()})
+    field: SurfaceField | None = None
+    refine_report = None
+    if model is not None:
+        field = predict(model, cameras.to(device), bundle.images, bundle.masks, environment, progress)
+        lap("feed-forward")
+    if engine != "feedforward":
+        try:
+            result = refine(
+                cameras.to(device),
+                bundle.images,
+                bundle.masks,
+                chosen.refine,
+                environment=environment,
+                start=field.to_feature_field() if isinstance(field, GridField) else None,
+                progress=progress,
+                should_stop=should_stop,
+            )
+        except DivergenceError as error:
+            raise InputError(
+                f"the reconstruction diverged ({error}); check that the masks and camera poses match the images."
+            ) from None
+        timings.update({stage: report.seconds for stage, report in result.report.stages.items()})
+        field, refine_report = result.field, result.report
     if should_stop is not None and should_stop():
         raise Cancelled("reconstruction cancelled before export")
     stats: dict[str, float] = {}
     export_glb(
-        result.field,
+        field,
         out,
         normalisation,
         resolution=chosen.resolution,
@@ -135,14 +151,14 @@ def reconstruct(
         path=out,
         timings=timings,
         warnings=warnings,
-        training_psnr=result.report.training_psnr,
+        training_psnr=refine_report.training_psnr if refine_report is not None else None,
         preset=chosen.name,
         engine=engine,
         device=str(device),
         views_used=len(keep),
-        refine_report=result.report,
+        refine_report=refine_report,
         export_stats={key: value for key, value in stats.items() if not key.endswith(" s")},
-        field=result.field,
+        field=field,
         normalisation=normalisation,
     )
 

@@ -1,0 +1,65 @@
+"""What the transformer is trained on: its field, rendered through target views, against those views.
+
+One function, used by the overfit test here and by training: render a random subset of rays of the
+target views with the one renderer (`render.render_rays`) and compare with linear colours and masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..cameras import Cameras, image_rays
+from ..field import SurfaceField
+from ..render import RenderOptions, render_rays
+from ..shading import Environment
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    rays: int = 1024  # rays per object and step
+    colour: float = 1.0  # MSE on linear RGB (clipped to [0, 1], as a display would)
+    mask: float = 0.5  # MSE between rendered opacity and the mask
+    eikonal: float = 0.05  # |grad sdf| = 1 at the samples
+    material: float = 0.0  # MSE on albedo / roughness / metallic where ground truth exists
+    render: RenderOptions = field(
+        default_factory=lambda: RenderOptions(samples=32, importance_samples=16, chunk_rays=4096, jitter=True)
+    )
+
+
+def view_loss(
+    surface: SurfaceField,
+    cameras: Cameras,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    environment: Environment | None,
+    config: LossConfig,
+    generator: torch.Generator | None = None,
+    materials: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loss terms (unweighted, plus "total") for one object: cameras canonical, images [V, H, W, 3] linear
+    premultiplied-free colours, masks [V, H, W]; `materials` optional ground-truth maps "albedo" [V, H, W, 3],
+    "roughness" and "metallic" [V, H, W]."""
+    origins, directions = image_rays(cameras)
+    total = origins[..., 0].numel()
+    pick = torch.randint(0, total, (config.rays,), generator=generator, device="cpu").to(images.device)
+    rays = origins.reshape(-1, 3)[pick], directions.reshape(-1, 3)[pick]
+    out = render_rays(surface, *rays, environment, config.render)
+    alpha = masks.reshape(-1)[pick, None]
+    target = images.reshape(-1, 3)[pick] * alpha  # premultiplied, as the renderer's rgb
+    terms = {
+        "colour": F.mse_loss(out.rgb.clamp(0.0, 1.0), target.clamp(0.0, 1.0)),
+        "mask": F.mse_loss(out.alpha, alpha),
+        "eikonal": out.eikonal.mean(),
+    }
+    weights = {"colour": config.colour, "mask": config.mask, "eikonal": config.eikonal}
+    if materials and config.material > 0:
+        for name in ("albedo", "roughness", "metallic"):
+            if name in materials:
+                truth = materials[name].reshape(total, -1)[pick] * alpha
+                terms[name] = F.mse_loss(getattr(out, name), truth)
+                weights[name] = config.material
+    terms["total"] = sum(weights[name] * value for name, value in terms.items())
+    return terms
