@@ -5,6 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from backend.model.blocks import partition
+from backend.model.nsa import NSACrossAttention, nsa_attention
+from backend.model.routing import per_kv_head
 from kernels.nsa import block_pool, compressed_attention, selected_attention, window_attention
 
 
@@ -182,3 +185,149 @@ def test_bf16_reference_is_finite_and_close() -> None:
     out = selected_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout.block_offsets, selected)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+# The NSA module and its functional core.
+
+
+def dense_attention(q, k, v, q_token_cu, k_token_cu) -> torch.Tensor:
+    """Plain softmax attention of each object's queries over all of that object's keys (GQA expanded)."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for obj in range(len(q_token_cu) - 1):
+        qs, qe = int(q_token_cu[obj]), int(q_token_cu[obj + 1])
+        ks, ke = int(k_token_cu[obj]), int(k_token_cu[obj + 1])
+        keys = k[ks:ke].double().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        values = v[ks:ke].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[qs:qe].double(), keys) * q.shape[-1] ** -0.5
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    return out
+
+
+def voxel_keys(generator: torch.Generator, counts=(40, 25, 33)):
+    """Random voxels of several objects, partitioned into 3D blocks of variable occupancy."""
+    coords = torch.cat([torch.randint(0, 8, (n, 3), generator=generator) for n in counts])
+    object_index = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    return partition(coords, (4, 4, 4), object_index)
+
+
+def all_blocks(blocks, query_cu: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Selection lists [Nq, Hkv, n] that hold every block of the query's object (-1 padded)."""
+    per_object = (blocks.block_cu[1:] - blocks.block_cu[:-1]).tolist()
+    lists = []
+    for obj, count in enumerate(per_object):
+        own = list(range(int(blocks.block_cu[obj]), int(blocks.block_cu[obj + 1])))
+        own += [-1] * (max(per_object) - count)
+        lists += [own] * int(query_cu[obj + 1] - query_cu[obj])
+    return per_kv_head(torch.tensor(lists), kv_heads)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (16, 1)])
+def test_nsa_equals_dense_attention_when_selection_covers_every_block(heads: int, kv_heads: int) -> None:
+    generator = torch.Generator().manual_seed(heads)
+    keys = voxel_keys(generator)
+    query_cu = torch.tensor([0, 7, 12, 20])
+    q = torch.randn(20, heads, 8, generator=generator)
+    k, v = torch.randn(2, int(keys.token_cu[-1]), kv_heads, 8, generator=generator)
+    k_cmp, v_cmp = block_pool(k, keys.block_offsets), block_pool(v, keys.block_offsets)
+    gates = torch.zeros(20, 3, heads, 8)
+    gates[:, 1] = 1.0  # only the selected branch
+    out = nsa_attention(
+        q,
+        k,
+        v,
+        k_cmp,
+        v_cmp,
+        gates,
+        block_offsets=keys.block_offsets,
+        block_cu=keys.block_cu,
+        query_cu=query_cu,
+        selected=all_blocks(keys, query_cu, kv_heads),
+        query_block=torch.full((20,), -1),
+        chunk_size=5,
+    )
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, query_cu, keys.token_cu), rtol=1e-5, atol=1e-5)
+
+
+def test_module_reduces_to_the_dense_module_it_is_loaded_from() -> None:
+    """With the selected gate saturated open and the others shut, the module is dense attention
+    with the same q, kv and out weights: the stage-1 to stage-2 initialisation path."""
+    generator = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    hidden, heads, kv_heads, dim = 32, 8, 2, 8
+    module = NSACrossAttention(hidden, heads, kv_heads, dim)
+    with torch.no_grad():
+        module.gate.weight.zero_()
+        module.gate.bias.view(3, heads * dim)[:] = torch.tensor([-100.0, 100.0, -100.0])[:, None]
+    keys = voxel_keys(generator)
+    query_cu = torch.tensor([0, 5, 11, 18])
+    x_q = torch.randn(18, hidden, generator=generator)
+    x_kv = torch.randn(int(keys.token_cu[-1]), hidden, generator=generator)
+    query_block = torch.randint(0, keys.num_blocks, (18,), generator=generator)
+    selected = all_blocks(keys, query_cu, 1)[:, 0]  # [Nq, n], shared by the KV heads
+    out = module(x_q, x_kv, keys=keys, query_cu=query_cu, selected=selected, query_block=query_block)
+
+    q = module.q(x_q).view(18, heads, dim)
+    k, v = module.kv(x_kv).view(-1, 2, kv_heads, dim).unbind(1)
+    dense = dense_attention(q, k, v, query_cu, keys.token_cu).float()
+    torch.testing.assert_close(out, module.out(dense.reshape(18, heads * dim)), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_inputs_and_every_parameter() -> None:
+    generator = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    hidden, heads, kv_heads, dim = 32, 8, 2, 8
+    module = NSACrossAttention(hidden, heads, kv_heads, dim)
+    with torch.no_grad():  # away from the zero init, where the compression MLP's inner layers get no gradient
+        module.compress.key.output.weight.normal_(0.0, 0.1)
+        module.compress.value.output.weight.normal_(0.0, 0.1)
+    keys = voxel_keys(generator)
+    x = torch.randn(int(keys.token_cu[-1]), hidden, generator=generator, requires_grad=True)
+    # Self-attention with score routing (selected=None), small chunks to exercise recomputation.
+    out = module(x, x, keys=keys, query_cu=keys.token_cu, top_n=3, query_block=keys.token_block, chunk_size=40)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+
+    # The functional core passes gradients to q, k and v through every branch.
+    q = torch.randn(10, heads, dim, generator=generator, requires_grad=True)
+    k, v = (torch.randn(int(keys.token_cu[-1]), kv_heads, dim, generator=generator).requires_grad_() for _ in "kv")
+    query_cu = torch.tensor([0, 4, 4, 10])
+    nsa_attention(
+        q,
+        k,
+        v,
+        block_pool(k, keys.block_offsets),
+        block_pool(v, keys.block_offsets),
+        torch.rand(10, 3, heads, dim, generator=generator),
+        block_offsets=keys.block_offsets,
+        block_cu=keys.block_cu,
+        query_cu=query_cu,
+        selected=all_blocks(keys, query_cu, kv_heads),
+        query_block=torch.tensor([0, 1, 0, 1, 3, 3, 3, 4, 4, 5]),
+    ).sum().backward()
+    for tensor in (q, k, v):
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+
+
+def test_cross_attention_without_window_and_bf16() -> None:
+    generator = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    hidden, heads, kv_heads, dim = 64, 16, 1, 16
+    module = NSACrossAttention(hidden, heads, kv_heads, dim, branches=("compressed", "selected")).bfloat16()
+    keys = voxel_keys(generator)
+    query_cu = torch.tensor([0, 6, 9, 15])
+    x_q = torch.randn(15, hidden, generator=generator).bfloat16().requires_grad_()
+    x_kv = torch.randn(int(keys.token_cu[-1]), hidden, generator=generator).bfloat16()
+    selected = all_blocks(keys, query_cu, 1)[:, 0, :2]
+    out = module(x_q, x_kv, keys=keys, query_cu=query_cu, selected=selected)
+    assert out.dtype == torch.bfloat16 and out.shape == (15, hidden) and torch.isfinite(out).all()
+    out.float().square().sum().backward()
+    assert torch.isfinite(x_q.grad).all()
+    routed = module(x_q, x_kv, keys=keys, query_cu=query_cu, top_n=2)  # score routing in bf16
+    assert torch.isfinite(routed).all()
+    with pytest.raises(ValueError, match="window"):
+        module(x_q, x_kv, keys=keys, query_cu=query_cu, query_block=torch.zeros(15, dtype=torch.long))
+    assert set(dict(module.named_parameters())) >= {"q.weight", "kv.weight", "out.weight", "gate.weight"}
