@@ -182,7 +182,8 @@ class LSRM(nn.Module):
         # Stage-2 tokens: the stage-1 output tokens, upsampled to the finer grids, plus the new positions / patches.
         image_object = layout.image.block_object[layout.image.token_block]
         i_low = i.reshape(batch, count, *patch_grid, -1).permute(0, 1, 4, 2, 3).flatten(0, 1)
-        i_up = F.interpolate(i_low, size=high.images.shape[2:4], mode="bilinear", align_corners=False)
+        high_grid = (config.sparse_image_size // p, config.sparse_image_size // p)
+        i_up = F.interpolate(i_low, size=high_grid, mode="bilinear", align_corners=False)
         i_up = i_up.reshape(batch, count, -1, *i_up.shape[-2:]).permute(0, 1, 3, 4, 2)  # [B, V, h2, w2, C]
         i_high = self.sparse.image_input(high) + i_up
         view, row, col = layout.image_patches.unbind(-1)

@@ -17,10 +17,10 @@ from ..cameras import Cameras, pixel_rays
 from ..field import SurfaceField, near_surface_voxels, voxel_centres
 from ..render import RenderOptions, peak_points
 from .attention import PAIRS, TokenBlock
-from .blocks import TokenBlocks, partition
+from .blocks import TokenBlocks, image_block_centres_px, partition
 from .config import ModelConfig
 from .nsa import NSACrossAttention
-from .routing import expand_to_kv_heads, route_to_image, route_to_volume
+from .routing import per_kv_head, route_to_image, route_to_volume
 
 FOREGROUND = 0.5  # a patch is foreground if any of its mask pixels reaches this
 
@@ -91,7 +91,7 @@ class SparseLayout:
 def route(layout: SparseLayout, cameras: list[Cameras], config: ModelConfig) -> None:
     """3D-aware routing (LSRM §3.4), once per forward, shared by every block: fills `layout.selected`."""
     volume_centres = layout.volume.centres(layout.volume_points)
-    image_centre_px = (layout.image.block_coords[:, 1:].flip(-1).float() + 0.5) * config.image_block * config.patch_size
+    image_centre_px = image_block_centres_px(layout.image, config.image_block, config.patch_size)
     queries = {"v": (layout.volume_points, layout.volume.token_cu), "i": (layout.image_points, layout.image.token_cu)}
     for pair in PAIRS:
         points, cu = queries[pair[0]]
@@ -110,7 +110,7 @@ def route(layout: SparseLayout, cameras: list[Cameras], config: ModelConfig) -> 
                 config.image_candidates_per_view,
                 n,
             )
-        layout.selected[pair] = expand_to_kv_heads(chosen, config.kv_heads)
+        layout.selected[pair] = per_kv_head(chosen, config.kv_heads)
 
 
 class SparseBlock(TokenBlock):
@@ -167,8 +167,9 @@ def build_layout(
     voxels = torch.cat(volume_voxels).to(device)
     patches = torch.cat(image_patches).to(device)
     b = config.volume_block
-    volume = partition(voxels, (b, b, b), objects(volume_voxels))
-    image = partition(patches, (1, config.image_block, config.image_block), objects(image_patches))
+    count = len(volume_voxels)
+    volume = partition(voxels, (b, b, b), objects(volume_voxels), num_objects=count)
+    image = partition(patches, (1, config.image_block, config.image_block), objects(image_patches), num_objects=count)
     voxels, patches = volume.sort(voxels), image.sort(patches)
     return SparseLayout(
         volume=volume,
