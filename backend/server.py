@@ -452,15 +452,15 @@ def _http_sentence(status: int, detail: str) -> str:
 def serve(config: ServiceConfig) -> None:
     """Run the service until interrupted; prints one JSON line (url, port, token_file, pid) when it is ready."""
     config = replace(config, work_dir=Path(config.work_dir or default_work_dir()).resolve())
-    config.work_dir.mkdir(parents=True, exist_ok=True)
-    _log_to(config.log_file or config.work_dir / "service.log")
-    device = pick_device(config.device)
     loopback = _is_loopback(config.host)
     if not loopback and config.token_file is None:
         raise InputError(
             f"--host {config.host} is reachable from other machines, so give the token explicitly with --token-file "
             "(a file holding a long random string, or a path where one will be made)."
         )
+    device = pick_device(config.device)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(config.log_file or config.work_dir / "service.log")
     token_file = config.token_file or config.work_dir / "token"
     token = read_or_create_token(token_file)
     runner = Reconstructor(device, config.limits, config.checkpoint, config.preview_size)

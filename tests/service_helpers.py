@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+import OpenEXR
 import psutil
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 120.0  # importing torch on a loaded 2-core machine takes a while
@@ -90,6 +93,36 @@ def start_service(work_dir: Path, *arguments: str, micro: bool = True) -> Servic
     token_file = Path(start["token_file"])
     assert start["pid"] == process.pid and start["url"].startswith("http://127.0.0.1:")
     return Service(process, start["url"], token_file.read_text().strip(), token_file, work_dir, log)
+
+
+def small_bundle(out: Path, views: int = 6, size: int = 32, environment: str = "tiny") -> Path:
+    """The committed demo bundle (a real object rendered in Blender), cut down to a few small views.
+
+    environment "demo" keeps its lighting (the studio world, 1024 x 512); "tiny" replaces it with a
+    16 x 8 grey sky, whose split-sum tables cost next to nothing, for tests of the service's plumbing.
+    """
+    source = REPO / "demo" / "input"
+    meta = json.loads((source / "transforms.json").read_text())
+    chosen = np.linspace(0, len(meta["frames"]) - 1, views).round().astype(int)
+    (out / "images").mkdir(parents=True)
+    frames = []
+    for index in chosen:
+        frame = dict(meta["frames"][index])
+        scale = size / frame["w"]
+        with Image.open(source / frame["file_path"]) as image:
+            image.resize((size, size), Image.Resampling.BOX).save(out / frame["file_path"])
+        frame.update({key: frame[key] * scale for key in ("fl_x", "fl_y", "cx", "cy")}, w=size, h=size)
+        frames.append(frame)
+    meta["frames"] = frames
+    light = meta["environment"]["file_path"]
+    if environment == "demo":
+        (out / light).write_bytes((source / light).read_bytes())
+    else:
+        sky = np.full((8, 16, 3), 0.8, np.float32)
+        header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+        OpenEXR.File(header, {"RGB": sky}).write(str(out / light))
+    (out / "transforms.json").write_text(json.dumps(meta))
+    return out
 
 
 def zip_folder(folder: Path, top: str | None = None) -> bytes:
