@@ -200,11 +200,11 @@ class JobStore:
 
     def submit(self, incoming: Path, bundle: Path, request: JobRequest, timings: dict[str, float]) -> Job:
         """Adopt a checked upload folder as a new queued job; `bundle` is the bundle folder inside it."""
+        job_id = uuid.uuid4().hex
+        job = Job(job_id, self.root / job_id, request, bundle.relative_to(incoming).as_posix(), timings=timings)
+        _write_json(incoming / STATUS, job.status())  # nobody else sees the job yet: no lock needed
         with self._lock:
             self.check_room()
-            job_id = uuid.uuid4().hex
-            job = Job(job_id, self.root / job_id, request, bundle.relative_to(incoming).as_posix(), timings=timings)
-            self._write_status(job, incoming)
             incoming.rename(job.folder)
             self._jobs[job_id] = job
             self._queue.append(job)
@@ -348,15 +348,12 @@ class JobStore:
     # ------------------------------------------------------------------ disk
 
     def _persist(self, job: Job) -> None:
-        self._write_status(job, job.folder)
-
-    def _write_status(self, job: Job, folder: Path) -> None:
+        """Write the job's status file. Never called with `_lock` held: the lock order is `_disk`, then `_lock`."""
         with self._disk:
             with self._lock:
                 status = job.status()
-            if folder.is_dir():  # a deleted job's folder is not brought back
-                with atomic_file(folder / STATUS) as partial:
-                    partial.write_text(json.dumps(status, indent=1), encoding="utf-8")
+            if job.folder.is_dir():  # a deleted job's folder is not brought back
+                _write_json(job.folder / STATUS, status)
 
     def _recover(self) -> None:
         """Load the jobs a previous run of the service left; unfinished ones become failed, saying why."""
@@ -405,6 +402,11 @@ class JobStore:
             shutil.rmtree(job.folder, ignore_errors=True)
             log.info("job %s expired; its files are removed", job.id)
         return [job.id for job in expired]
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(value, indent=1), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
