@@ -127,6 +127,22 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"metrics:    {args.out / 'metrics.json'}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .server import ServiceConfig, serve
+    from .uploads import MIB, UploadLimits
+
+    limits = UploadLimits(
+        request_bytes=args.max_request_mb * MIB,
+        unpacked_bytes=args.max_unpacked_mb * MIB,
+        image_bytes=args.max_image_mb * MIB,
+        image_pixels=args.max_image_pixels,
+        views=args.max_views,
+    )
+    names = ("host", "port", "work_dir", "token_file", "log_file", "checkpoint", "device", "preset", "max_queue")
+    names += ("keep_fetched_s", "max_age_s", "preview_size")
+    serve(ServiceConfig(limits=limits, **{name: getattr(args, name) for name in names}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -188,6 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", _demo, "reconstruct the committed demo bundle, relight it under a new world and score it")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
     demo.add_argument("--preset", choices=list(PRESETS), default=None, help="default: standard on a GPU, else cpu")
+
+    from .uploads import MIB, UploadLimits
+
+    limits = UploadLimits()
+    serve = command("serve", _serve, "run the local HTTP service (jobs over HTTP, API under /v1)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=0, help="port (default 0: any free port, printed on start)")
+    serve.add_argument("--work-dir", type=Path, default=None, help="jobs, token, log (default: user cache)")
+    serve.add_argument("--token-file", type=Path, default=None, help="bearer token file; made if missing (WORK/token)")
+    serve.add_argument("--log-file", type=Path, default=None, help="log file (default WORK/service.log)")
+    serve.add_argument("--checkpoint", type=Path, default=None, help="feed-forward model checkpoint (.safetensors)")
+    serve.add_argument("--preset", choices=list(PRESETS), default=None, help="when a job names none")
+    serve.add_argument("--max-queue", type=int, default=8, help="jobs that may wait (default 8)")
+    serve.add_argument("--keep-fetched-s", type=float, default=300.0, help="keep results after download (300 s)")
+    serve.add_argument("--max-age-s", type=float, default=86400.0, help="delete finished jobs after this (1 day)")
+    serve.add_argument("--preview-size", type=int, default=128, help="preview PNG size in pixels; 0: none (128)")
+    serve.add_argument("--max-request-mb", type=int, default=limits.request_bytes // MIB, help="upload limit (MiB)")
+    serve.add_argument("--max-unpacked-mb", type=int, default=limits.unpacked_bytes // MIB, help="unzipped limit (MiB)")
+    serve.add_argument("--max-image-mb", type=int, default=limits.image_bytes // MIB, help="per-image file limit (MiB)")
+    serve.add_argument("--max-image-pixels", type=int, default=limits.image_pixels, help="per-image width x height")
+    serve.add_argument("--max-views", type=int, default=limits.views, help="views per bundle (default %(default)s)")
     return parser
 
 

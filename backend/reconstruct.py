@@ -62,6 +62,8 @@ def reconstruct(
     device: torch.device | str = "auto",
     progress: Progress = no_progress,
     should_stop: Callable[[], bool] | None = None,
+    texture_size: int | None = None,
+    target_faces: int | None = None,
 ) -> ReconstructionResult:
     """Reconstruct a bundle (folder, transforms.json or a loaded Bundle) into a GLB at `out`, in world space.
 
@@ -70,6 +72,7 @@ def reconstruct(
     device: "auto", "cuda", "mps", "cpu" or a torch.device. progress gets (stage, fraction) for "load",
     "stage 1", "stage 2", "visual hull", "coarse", "fine" and the export stages; should_stop is polled
     every refinement step (raises refine.Cancelled).
+    texture_size and target_faces, when given, replace the preset's values (the add-on's settings).
     Raises InputError (one sentence, nothing written) when the input cannot give a surface.
     """
     begin = time.perf_counter()
@@ -77,6 +80,10 @@ def reconstruct(
     chosen = get_preset(preset)
     if engine is None:
         engine = chosen.engine if checkpoint is not None else "refine"
+    if texture_size is not None:
+        chosen = replace(chosen, texture_size=texture_size)
+    if target_faces is not None:
+        chosen = replace(chosen, target_faces=target_faces)
     if engine not in ENGINES:
         raise InputError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}.")
     check_export_arguments(out, chosen.resolution, chosen.texture_size, chosen.target_faces)

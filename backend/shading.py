@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -387,14 +388,19 @@ class Environment:
         return self._tables
 
 
-# Split-sum tables of environment files, built once per process and device (seconds on a CPU).
-_FILE_TABLES: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+# Split-sum tables of environment files, built once per process and device (seconds on a CPU). Bounded:
+# the service loads a new file for every job, and each entry holds the full-size image (megabytes).
+_FILE_TABLES: OrderedDict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = OrderedDict()
+FILE_TABLES_KEPT = 4
 
 
 def _cached_tables(file_key: tuple, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     if file_key not in _FILE_TABLES:
         with torch.no_grad():
             _FILE_TABLES[file_key] = (prefilter_levels(image), irradiance_map(image))
+        while len(_FILE_TABLES) > FILE_TABLES_KEPT:
+            _FILE_TABLES.popitem(last=False)
+    _FILE_TABLES.move_to_end(file_key)
     return _FILE_TABLES[file_key]
 
 
