@@ -335,6 +335,11 @@ def create_app(
         except QueueFull as full:
             raise HTTPException(429, str(full), {"Retry-After": "10"}) from None
         request = _job_request(preset or default_preset, engine, texture_size, target_faces)
+        if request.engine not in (None, "refine") and runner.model_name is None:
+            raise InputError(
+                f"engine '{request.engine}' needs the feed-forward model, and this service runs without one; "
+                "use engine 'refine', or start the service with --checkpoint."
+            )
         kind = (bundle.content_type or "application/octet-stream").split(";")[0].strip().lower()
         if kind not in ZIP_CONTENT_TYPES:
             raise HTTPException(

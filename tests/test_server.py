@@ -371,6 +371,7 @@ CASES: list[tuple[str, Callable, int, str]] = [
     ),
     ("unknown preset", lambda c, b, a: submit_with(c, a, preset="ultra"), 422, "unknown preset"),
     ("unknown engine", lambda c, b, a: submit_with(c, a, engine="magic"), 422, "unknown engine"),
+    ("no model", lambda c, b, a: submit_with(c, a, engine="feedforward"), 422, "needs the feed-forward model"),
     ("texture size", lambda c, b, a: submit_with(c, a, texture_size=100), 422, "power of two"),
     ("texture size text", lambda c, b, a: submit_with(c, a, texture_size="big"), 422, "whole number"),
     ("target faces", lambda c, b, a: submit_with(c, a, target_faces=5), 422, "too small"),
