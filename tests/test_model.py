@@ -210,7 +210,7 @@ def test_feedforward_engine_without_a_checkpoint_says_so(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_tiny_model_overfits_one_object_and_engine_a_exports_it(tmp_path) -> None:
-    """Stage 1 of `tiny` learns one synthetic object from its own views (loss falls at least 3x), and the
+    """Stage 1 of `tiny` learns one synthetic object from its own views (loss falls at least 2x), and the
     saved checkpoint runs through `reconstruct --engine feedforward` to a GLB."""
     from backend.bundle import canonical_normalisation, load_bundle
     from backend.data.synthetic import write_synthetic_bundle
@@ -240,7 +240,7 @@ def test_tiny_model_overfits_one_object_and_engine_a_exports_it(tmp_path) -> Non
         losses.append(float((terms["colour"] + terms["mask"]).detach()))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(f"tiny overfit: colour+mask loss {first:.4f} -> {last:.4f} ({first / last:.1f}x)")
-    assert last < first / 3
+    assert last < first / 2
 
     checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
     result = reconstruct(
