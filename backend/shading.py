@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .exr import read_exr, stack_channels
 
 ENVIRONMENTS_DIR = Path(__file__).resolve().parent / "assets" / "environments"
 BUILTIN_ENVIRONMENTS = ("city", "courtyard", "forest", "interior", "night", "studio", "sunrise", "sunset")
@@ -53,15 +54,13 @@ def builtin_environment(name: str = "studio") -> Path:
 
 
 def _read_exr(path: Path) -> np.ndarray:
-    import OpenEXR
-
-    with OpenEXR.File(str(path), separate_channels=True) as exr:
-        channels = {name.split(".")[-1].upper(): channel.pixels for name, channel in exr.channels().items()}
-    if all(c in channels for c in "RGB"):
-        return np.stack([channels[c] for c in "RGB"], axis=-1).astype(np.float32)
-    if "Y" in channels:
-        return np.repeat(channels["Y"][..., None], 3, axis=-1).astype(np.float32)
-    raise InputError(f"{path}: the EXR has no R, G, B (or Y) channels; save the environment as an RGB EXR")
+    channels = read_exr(path, "environment map")
+    image = stack_channels(channels, "RGB")
+    if image is None and "Y" in channels:
+        image = np.repeat(channels["Y"][..., None], 3, axis=-1)
+    if image is None:
+        raise InputError(f"{path}: the EXR has no R, G, B (or Y) channels; save the environment as an RGB EXR")
+    return image
 
 
 def _read_hdr(path: Path) -> np.ndarray:
