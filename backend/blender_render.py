@@ -14,9 +14,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
-import OpenEXR
 
 from .errors import InputError
+from .exr import read_exr_rgba
 from .mesh import sample_triangles
 
 if TYPE_CHECKING:
@@ -103,9 +103,7 @@ def render_linear_rgba(path: Path) -> np.ndarray:
     scene.render.image_settings.color_depth = "32"
     scene.render.filepath = str(path)
     bpy.ops.render.render(write_still=True)
-    with OpenEXR.File(str(path), separate_channels=True) as exr:
-        channels = {name.split(".")[-1].upper(): channel.pixels for name, channel in exr.channels().items()}
-    return np.stack([channels[c] for c in "RGBA"], axis=-1).astype(np.float32)
+    return read_exr_rgba(path, "the Cycles render")
 
 
 # ----------------------------------------------------------------------------- assets

@@ -31,6 +31,7 @@ from .atomic import atomic_directory
 from .cameras import Cameras, Normalisation, occupied_bounds, opengl_to_opencv, viewed_region, visual_hull
 from .colour import linear_to_srgb, srgb_to_linear
 from .errors import InputError
+from .exr import read_exr, stack_channels
 
 TRANSFORMS = "transforms.json"
 # Ground-truth buffers a bundle may carry per frame, with their channel counts and file types:
@@ -339,7 +340,9 @@ def _read_ground_truth(
             where = f"frame {index}"
             path = _bundle_file(root, frame, where, f"{key}_path")
             if path.suffix.lower() == ".exr":
-                data = _read_exr(path, where, f"{key}_path")
+                channels = read_exr(path, f"{where} field '{key}_path'")
+                rgb = stack_channels(channels, "RGB")
+                data = rgb if rgb is not None else next(iter(channels.values()))
             else:
                 data = _read_image(path, where, f"{key}_path", max_pixels)
                 data = data[..., :3] if GROUND_TRUTH_CHANNELS[key] == 3 else data[..., 0]
@@ -353,15 +356,6 @@ def _read_ground_truth(
     if "albedo" in ground_truth:
         ground_truth["albedo"] = srgb_to_linear(ground_truth["albedo"])
     return ground_truth
-
-
-def _read_exr(path: Path, where: str, key: str) -> np.ndarray:
-    try:
-        channels = OpenEXR.File(str(path)).channels()
-    except Exception as error:  # OpenEXR raises plain RuntimeError/Exception on bad files
-        raise InputError(f"{where} field '{key}': cannot read EXR '{path.name}' ({error}); rewrite the file.") from None
-    name = "RGB" if "RGB" in channels else next(iter(channels))
-    return np.asarray(channels[name].pixels, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -17,24 +17,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import OpenEXR
 import torch
-from PIL import Image
 
 from .atomic import atomic_file
 from .bundle import load_bundle
-from .colour import linear_to_srgb
 from .device import pick_device
 from .errors import InputError
+from .exr import read_exr_rgba
 from .mesh import extract_surface, sample_points
 from .metrics import geometry_metrics, image_metrics
 from .progress import Progress, no_progress
 from .reconstruct import reconstruct
 from .render import RenderOptions, render_views
 from .shading import Environment
+from .sheet import write_sheet
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
-BACKGROUND = 0.18  # linear grey behind the objects in the comparison sheet
 SURFACE_SAMPLES = 8192  # points on our surface for the geometry metrics, as many as the ground truth has
 SURFACE_RESOLUTION = 192  # marching-cubes grid for those points
 
@@ -42,16 +40,6 @@ SURFACE_RESOLUTION = 192  # marching-cubes grid for those points
 def default_preset(device: torch.device) -> str:
     """`standard` on a GPU, `cpu` elsewhere (it finishes in minutes on two cores)."""
     return "standard" if device.type == "cuda" else "cpu"
-
-
-def read_exr_rgba(path: Path) -> torch.Tensor:
-    """A linear RGBA EXR as [H, W, 4] float32."""
-    try:
-        with OpenEXR.File(str(path), separate_channels=True) as exr:
-            channels = {name.split(".")[-1].upper(): channel.pixels for name, channel in exr.channels().items()}
-    except Exception as error:  # the EXR library raises assorted types on corrupt files
-        raise InputError(f"cannot read the EXR '{path}' ({error}); regenerate the demo data") from None
-    return torch.from_numpy(np.stack([channels[c] for c in "RGBA"], axis=-1).astype(np.float32))
 
 
 def run_demo(
@@ -72,7 +60,7 @@ def run_demo(
         raise InputError(f"the demo data is missing under {demo}; run the demo from a clone of the repository")
     test = load_bundle(test_path)
     frames = json.loads((test_path / "transforms.json").read_text())["frames"]
-    truth = torch.stack([read_exr_rgba(test_path / frame["hdr_path"]) for frame in frames])
+    truth = torch.stack([torch.from_numpy(read_exr_rgba(test_path / frame["hdr_path"])) for frame in frames])
     surface = np.load(test_path / "gt_surface.npy")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +87,9 @@ def run_demo(
     inputs_bundle = load_bundle(inputs)
     nearest = _nearest_views(inputs_bundle.cameras.centres, test.cameras.centres)
     masks = inputs_bundle.masks[nearest, ..., None]
-    _write_sheet(
-        out / "comparison.png",
-        [(inputs_bundle.images[nearest] * masks, masks), (ours.rgb, ours.alpha), (truth[..., :3], truth[..., 3:])],
-    )
+    inputs_rgba = torch.cat([inputs_bundle.images[nearest] * masks, masks], dim=-1)
+    ours_rgba = torch.cat([ours.rgb, ours.alpha], dim=-1)
+    write_sheet(out / "comparison.png", [list(row) for row in zip(inputs_rgba, ours_rgba, truth, strict=True)])
     mean = {key: float(np.mean([v[key] for v in views])) for key in views[0]}
     metrics = {
         "preset": preset,
@@ -124,20 +111,3 @@ def _nearest_views(input_centres: torch.Tensor, test_centres: torch.Tensor) -> l
     a = torch.nn.functional.normalize(input_centres - input_centres.mean(0), dim=-1)
     b = torch.nn.functional.normalize(test_centres - input_centres.mean(0), dim=-1)
     return (b @ a.T).argmax(1).tolist()
-
-
-def _write_sheet(path: Path, columns: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """One row per view, one column per (premultiplied linear [V, H, W, 3], alpha [V, H, W, 1]) pair,
-    shown in sRGB over a grey background and resized to the first test column's size."""
-    height, width = columns[1][0].shape[1:3]
-
-    def display(premultiplied: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
-        image = torch.cat([premultiplied, alpha], dim=-1).permute(0, 3, 1, 2)
-        image = torch.nn.functional.interpolate(image, size=(height, width), mode="area").permute(0, 2, 3, 1)
-        composite = linear_to_srgb(image[..., :3] + (1.0 - image[..., 3:]) * BACKGROUND)
-        return (composite * 255).round().to(torch.uint8).numpy()
-
-    shown = [display(*column) for column in columns]
-    sheet = np.concatenate([np.concatenate([column[v] for column in shown], axis=1) for v in range(len(shown[0]))])
-    with atomic_file(path) as partial:
-        Image.fromarray(sheet).save(partial, format="PNG")

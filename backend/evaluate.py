@@ -35,9 +35,10 @@ from .atomic import atomic_directory, atomic_file
 from .bundle import canonical_normalisation, load_bundle
 from .colour import linear_to_srgb
 from .errors import InputError
-from .metrics import MetricsConfig, geometry_metrics, image_metrics, tone_map
+from .metrics import MetricsConfig, geometry_metrics, image_metrics
 from .progress import Progress, no_progress
 from .shading import builtin_environment
+from .sheet import write_sheet
 
 METRIC_KEYS = ("psnr_h", "psnr_l", "ssim", "chamfer", "normal_error_deg")
 SHEET_COLUMNS = ("input view", "ours relit", "ground truth relit")
@@ -126,13 +127,12 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(_json_safe(report), indent=2), encoding="utf-8")
-    with atomic_file(out / "sheet.png") as tmp:
-        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
+    write_sheet(out / "sheet.png", rows, config.sheet_background)
     return report
 
 
 def evaluate_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: Progress) -> tuple[dict, np.ndarray]:
-    """Render, reconstruct, re-render and score one asset; return its metrics and its sheet row (uint8)."""
+    """Render, reconstruct, re-render and score one asset; return its metrics and its sheet row (linear RGBA)."""
     from .reconstruct import reconstruct
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,9 +152,9 @@ def evaluate_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: 
     if not radius > 0.0:
         raise InputError(f"asset '{asset}' is a single point (its bounds have no size); give a real surface")
     scene = blender.use_cycles(config.resolution, config.resolution, config.samples, seed=config.seed, persistent=True)
-    rings = _CameraRings(centre, radius, config)
+    rings = CameraRings(centre, radius, config)
     bundle = folder / "bundle"
-    first_input = _render_bundle(bundle, scene, bounds, rings, config, progress)
+    first_input = render_input_bundle(bundle, scene, bounds, rings, config, progress)
     lap("render inputs")
     ground_truth = _render_test_views(folder / "test" / "gt", rings, config, progress, "render test")
     gt_points, gt_normals = blender.sample_surface(objects, config.surface_samples, config.seed)
@@ -205,7 +205,7 @@ def evaluate_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: 
 
     metrics = {key: float(np.mean([view[key] for view in per_view])) for key in ("psnr_h", "psnr_l", "ssim")}
     metrics.update(geometry)
-    row = np.concatenate([_display(image, config) for image in (first_input, ours[0], ground_truth[0])], axis=1)
+    row = [first_input, ours[0], ground_truth[0]]
     warnings = list(result.warnings)
     if config.input_environment == config.test_environment:
         warnings.append("the test environment is the input one, so these numbers measure novel views, not relighting")
@@ -227,7 +227,7 @@ def evaluate_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: 
     return record, row
 
 
-class _CameraRings:
+class CameraRings:
     """Input and test cameras around the asset's bounding sphere; the same in every scene."""
 
     def __init__(self, centre: tuple[float, float, float], radius: float, config: EvaluateConfig) -> None:
@@ -251,8 +251,8 @@ class _CameraRings:
         )
 
 
-def _render_bundle(
-    bundle: Path, scene, bounds: np.ndarray, rings: _CameraRings, config: EvaluateConfig, progress: Progress
+def render_input_bundle(
+    bundle: Path, scene, bounds: np.ndarray, rings: CameraRings, config: EvaluateConfig, progress: Progress
 ) -> np.ndarray:
     """Render the input views into a bundle folder (all-or-nothing); return the first view, linear RGBA."""
     from blender_addon.capture import camera_frame, write_transforms
@@ -270,7 +270,7 @@ def _render_bundle(
             rgba = blender.render_linear_rgba(Path(scratch) / f"{index:04d}.exr")
             first = rgba if first is None else first
             name = f"images/{index:04d}.png"
-            _write_rgba_png(rgba, tmp / name)
+            write_rgba_png(rgba, tmp / name)
             frames.append({"file_path": name, **camera_frame(camera, scene)})
             progress("render inputs", (index + 1) / len(cameras))
         shutil.copyfile(environment, tmp / environment.name)
@@ -282,7 +282,7 @@ def _render_bundle(
 
 
 def _render_test_views(
-    folder: Path, rings: _CameraRings, config: EvaluateConfig, progress: Progress, stage: str
+    folder: Path, rings: CameraRings, config: EvaluateConfig, progress: Progress, stage: str
 ) -> list[np.ndarray]:
     """Render the test cameras under the test environment to linear EXRs in folder; return RGBA [H, W, 4] each."""
     bpy = blender.require_bpy()
@@ -298,20 +298,13 @@ def _render_test_views(
     return images
 
 
-def _write_rgba_png(rgba: np.ndarray, path: Path) -> None:
+def write_rgba_png(rgba: np.ndarray, path: Path) -> None:
     """A bundle image: straight (un-premultiplied) colour, sRGB-encoded, with alpha as the mask."""
     pixels = torch.from_numpy(rgba)
     alpha = pixels[..., 3:].clamp(0.0, 1.0)
     straight = torch.where(alpha > 0.0, pixels[..., :3] / alpha.clamp_min(1e-8), torch.zeros_like(pixels[..., :3]))
     encoded = torch.cat([linear_to_srgb(straight), alpha], dim=-1)
     Image.fromarray((encoded * 255.0 + 0.5).to(torch.uint8).numpy(), "RGBA").save(path)
-
-
-def _display(rgba: np.ndarray, config: EvaluateConfig) -> np.ndarray:
-    """Premultiplied linear RGBA over the sheet's grey, tone-mapped to sRGB uint8 [H, W, 3]."""
-    pixels = torch.from_numpy(rgba)
-    over = pixels[..., :3] + (1.0 - pixels[..., 3:].clamp(0.0, 1.0)) * config.sheet_background
-    return (tone_map(over) * 255.0 + 0.5).to(torch.uint8).numpy()
 
 
 def _prefixed(progress: Progress, name: str) -> Progress:

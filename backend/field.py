@@ -8,6 +8,7 @@ this interface: the learned `FeatureField` below and the analytic synthetic obje
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,12 +79,16 @@ def grid_indices_and_weights(points: torch.Tensor, resolution: int) -> tuple[tor
     position = ((points + 1.0) * 0.5 * resolution - 0.5).clamp(0.0, resolution - 1.0)
     lower = position.detach().floor().clamp(max=resolution - 2).long()
     fraction = position - lower
-    corners = torch.tensor(
-        [[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=points.device, dtype=torch.long
-    )
+    corners = _corners(points.device)
     indices = lower[:, None, :] + corners  # [N, 8, 3]
     per_axis = torch.where(corners.bool(), fraction[:, None, :], 1.0 - fraction[:, None, :])
     return indices, per_axis.prod(-1)
+
+
+@functools.cache
+def _corners(device: torch.device) -> torch.Tensor:
+    """The 8 corner offsets [8, 3] of a voxel, made once per device (a host-to-device copy stalls the GPU)."""
+    return torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=torch.long).to(device)
 
 
 def _linear_index(indices: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -57,6 +57,7 @@ class LossWeights:
     smoothness: float = 0.3  # squared difference of unit normals at nearby surface points
     material: float = 0.01  # L1 difference of albedo, roughness, metallic at nearby surface points
     offset: float = 0.1  # L1 of LIRM's effective offset: opacity should come from the surface itself
+    grid_tv: float = 0.0  # squared differences of neighbouring dense-grid features: no voxel-scale bumps
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class RefineConfig:
     hidden: int = 64
     hidden_layers: int = 2
     beta_init: float = 0.03  # canonical units; wide at first so gradients reach the surface from afar
+    init_std: float = 0.1  # std of the random initial grid features
     initial_roughness: float = 0.6  # materials start as a fairly rough dielectric ...
     initial_metallic: float = 0.05  # ... (sigmoid heads: their biases are set to these values' logits)
     # The visual-hull start.
@@ -99,6 +101,10 @@ class RefineConfig:
     environment_height: int = 8  # equirectangular [h, 2h]: low frequency by construction
     environment_learning_rate: float = 2e-2
     assumed_albedo: float = 0.5  # initial lighting level = mean foreground colour / this (fixes the scale)
+    # Robustness: a step whose loss or gradients are not finite is skipped (zero gradients); the host reads
+    # the count and checks the parameters every `check_every` steps only (each read is a device sync).
+    check_every: int = 50
+    max_skipped_fraction: float = 0.1  # more skipped steps than this share of a stage is a divergence
     # Evaluation.
     psnr_rays: int = 8192  # fixed seeded subset of training pixels the report's PSNR is measured on
 
@@ -117,6 +123,7 @@ class RefineReport:
     sparse_voxels: int
     lighting: str  # "known" or "estimated"
     seconds: float
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite (their update was skipped)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +132,7 @@ class RefineReport:
             "sparse_voxels": self.sparse_voxels,
             "lighting": self.lighting,
             "seconds": self.seconds,
+            "skipped_steps": self.skipped_steps,
         }
 
 
@@ -236,6 +244,7 @@ def initial_field(config: RefineConfig, device: torch.device | str) -> FeatureFi
             hidden=config.hidden,
             hidden_layers=config.hidden_layers,
             beta_init=config.beta_init,
+            init_std=config.init_std,
         )
     ).to(device)
     with torch.no_grad():
@@ -277,7 +286,8 @@ def _losses(
     config: RefineConfig,
     options: RenderOptions,
 ) -> dict[str, torch.Tensor]:
-    out = render_rays(model, rays.origins[batch], rays.directions[batch], environment, options)
+    origins, directions = rays.origins[batch], rays.directions[batch]
+    out = render_rays(model, origins, directions, environment, options)
     mask = rays.masks[batch, None]
     alpha = out.alpha.clamp(1e-4, 1.0 - 1e-4)
     terms = {
@@ -285,24 +295,45 @@ def _losses(
         "photometric": (_clipped(out) - rays.colours[batch]).abs().mean(),
     }
 
-    # Regularisers at points where the rendered surface is, each paired with a nearby point, and at
-    # random points in the box (the eikonal term must hold where no ray has looked yet).
-    solid = (out.alpha[:, 0] > 0.5) & (mask[:, 0] > 0.5)
-    surface = (rays.origins[batch] + rays.directions[batch] * out.depth)[solid].detach()
-    neighbours = surface + torch.randn_like(surface) * config.smoothness_distance
+    # Regularisers at pairs of points scattered around each ray's rendered surface point, and at random
+    # points in the box (the eikonal term must hold where no ray has looked yet). Rays that hit nothing
+    # get weight 0 instead of being indexed away, so the step needs no host sync and has fixed shapes.
+    solid = ((out.alpha > 0.5) & (mask > 0.5)).float()[:, 0]
+    surface = (origins + directions * out.depth).detach()
+    pairs = surface.repeat(2, 1) + torch.randn(2 * len(surface), 3, device=surface.device) * config.smoothness_distance
     box = torch.rand(config.regulariser_points, 3, device=surface.device) * 2.0 - 1.0
-    points = torch.cat([surface, neighbours, box]).requires_grad_(True)
+    points = torch.cat([pairs, box]).requires_grad_(True)
     sample = model(points)
     (gradient,) = torch.autograd.grad(sample.sdf.sum(), points, create_graph=True)
     terms["eikonal"] = 0.5 * (((gradient.norm(dim=-1) - 1.0) ** 2).mean() + out.eikonal.mean())
     count = len(surface)
-    if count:
-        normals = F.normalize(gradient[: 2 * count], dim=-1)
-        terms["smoothness"] = ((normals[:count] - normals[count:]) ** 2).sum(-1).mean()
-        materials = torch.cat([sample.albedo, sample.roughness[:, None], sample.metallic[:, None]], dim=-1)
-        terms["material"] = (materials[:count] - materials[count : 2 * count]).abs().mean()
-        terms["offset"] = sample.offset[: 2 * count].abs().mean()
+    share = solid / solid.sum().clamp_min(1.0)
+    normals = F.normalize(gradient[: 2 * count], dim=-1)
+    terms["smoothness"] = (share * ((normals[:count] - normals[count:]) ** 2).sum(-1)).sum()
+    materials = torch.cat([sample.albedo, sample.roughness[:, None], sample.metallic[:, None]], dim=-1)
+    terms["material"] = (share * (materials[:count] - materials[count : 2 * count]).abs().mean(-1)).sum()
+    terms["offset"] = (share * sample.offset[: 2 * count].abs().reshape(2, count).mean(0)).sum()
+    if config.weights.grid_tv:
+        terms["grid_tv"] = _total_variation(model.dense)
     return terms
+
+
+def _total_variation(grid: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring voxels of a feature grid [C, X, Y, Z] along each axis."""
+    return sum((grid.diff(dim=axis) ** 2).mean() for axis in (1, 2, 3)) / 3.0
+
+
+def _finite_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Zero every gradient when the loss or any gradient is not finite; returns that flag (0-d bool) on the device.
+
+    No host sync: a bad step becomes a step with zero gradients (Adam's moments carry it), and the
+    caller counts the flags and reads the count only every few steps.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    finite = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    for grad in grads:
+        grad.masked_fill_(~finite, 0.0)
+    return finite
 
 
 def _weighted(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
@@ -368,7 +399,10 @@ def refine(
             importance_samples=config.importance_samples,
             chunk_rays=config.rays_per_batch,
             jitter=True,
+            surface_normals=True,
         )
+
+        skipped = torch.zeros((), dtype=torch.long, device=device)  # on the device: read every check_every steps
 
         def train(stage: str, steps: int) -> None:
             clock = time.perf_counter()
@@ -378,28 +412,32 @@ def refine(
                 {"params": [*model.decoder.parameters(), model.log_beta], "lr": config.network_learning_rate},
             ]
             if estimated is not None:
-                groups.append({"params": estimated.parameters(), "lr": config.environment_learning_rate})
-            optimiser = torch.optim.Adam(groups)
+                groups.append({"params": list(estimated.parameters()), "lr": config.environment_learning_rate})
+            parameters = [p for group in groups for p in group["params"]]
+            # Fused Adam is one kernel for all parameters on CUDA; elsewhere the default (foreach) path.
+            optimiser = torch.optim.Adam(groups, fused=device.type == "cuda" or None)
             decay = config.final_learning_rate_fraction ** (1.0 / max(steps, 1))
             scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, decay)
             tail = max(1, steps // 10)
-            history: dict[str, list[float]] = {}
+            sums: dict[str, torch.Tensor] = {}
+            skipped_before = int(skipped)
             for index in range(steps):
                 checkpoint(stage, index, steps)
                 lighting = environment if estimated is None else estimated.environment()
                 batch = rays.sample(config.rays_per_batch, config.foreground_fraction)
                 terms = _losses(model, rays, batch, lighting, config, options)
                 loss = _weighted(terms, config.weights)
-                if not torch.isfinite(loss):
-                    raise DivergenceError(f"the loss became non-finite at step {index} of '{stage}'")
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
+                skipped.add_(~_finite_gradients(parameters, loss))
                 optimiser.step()
                 scheduler.step()
                 if index >= steps - tail:
                     for name, value in terms.items():
-                        history.setdefault(name, []).append(float(value.detach()))
-            losses = {name: sum(values) / len(values) for name, values in history.items()}
+                        sums[name] = sums.get(name, 0.0) + value.detach()
+                if (index + 1) % config.check_every == 0 or index == steps - 1:
+                    _check_divergence(model, stage, index + 1, int(skipped) - skipped_before, config)
+            losses = {name: float(value) / tail for name, value in sums.items()}
             stages[stage] = StageReport(steps, time.perf_counter() - clock, losses)
             progress(stage, 1.0)
 
@@ -410,13 +448,20 @@ def refine(
             if sparse_voxels:
                 train("fine", config.fine_steps)
 
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise DivergenceError("the field's parameters became non-finite")
         lighting = environment if estimated is None else Environment(estimated.log_image.detach().exp())
         psnr = training_psnr(model, rays, lighting, options, config.psnr_rays)
-    report = RefineReport(stages, psnr, sparse_voxels, "known" if estimated is None else "estimated", 0.0)
+    lighting_kind = "known" if estimated is None else "estimated"
+    report = RefineReport(stages, psnr, sparse_voxels, lighting_kind, 0.0, skipped_steps=int(skipped))
     report.seconds = time.perf_counter() - begin
     return RefineResult(model, lighting, report)
+
+
+def _check_divergence(model: FeatureField, stage: str, steps: int, skipped: int, config: RefineConfig) -> None:
+    """Raise DivergenceError when the parameters are not finite or too many of the stage's steps were skipped."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        raise DivergenceError(f"the field's parameters became non-finite by step {steps} of '{stage}'")
+    if skipped > config.max_skipped_fraction * steps:
+        raise DivergenceError(f"{skipped} of the first {steps} steps of '{stage}' had a non-finite loss or gradient")
 
 
 @contextmanager
@@ -426,12 +471,17 @@ def _deterministic(enabled: bool) -> Iterator[None]:
     Only on the CPU: on CUDA the deterministic variants are slower and bit-exact repeats are not promised.
     """
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     if enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN by default (a debugging aid): a thousand
+        # extra writes per step. Our results never read uninitialised memory, so leave it off.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @torch.no_grad()

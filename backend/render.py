@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import Cameras, image_rays
-from .field import SurfaceField
+from .field import FieldSample, SurfaceField
 from .progress import Progress, no_progress
 from .shading import Environment, shade
 
@@ -28,6 +28,9 @@ class RenderOptions:
     chunk_rays: int = 4096  # rays per batch; bounds memory (each ray holds all its samples)
     jitter: bool = False  # random sample offsets (training); off gives deterministic images
     use_radiance: bool = False  # colour from the field's radiance head even when an environment is given
+    # Normals (and the eikonal buffer) from one SDF gradient per ray, at the expected surface point, instead of
+    # at every sample: autograd then runs over N points, not N x S (refinement's training renders use this).
+    surface_normals: bool = False
 
 
 @dataclass
@@ -172,16 +175,13 @@ def _render_chunk(
     rays, samples = distances.shape
     points = (origins[:, None] + directions[:, None] * distances[..., None]).reshape(-1, 3)
 
-    # Normals are SDF gradients, so autograd runs even for callers under torch.no_grad(); the graph is
-    # kept (create_graph) only when the caller wants gradients, e.g. for the eikonal or shading losses.
-    with torch.enable_grad():
-        points = points.detach().requires_grad_(True)
+    gradient = None
+    if options.surface_normals:
         sample = field(points)
-        if not sample.sdf.requires_grad:
-            raise ValueError("the field's sdf is not differentiable with respect to the query points")
-        (gradient,) = torch.autograd.grad(sample.sdf.sum(), points, create_graph=differentiable)
-    if not differentiable:
-        sample = type(sample)(**{k: v.detach() if v is not None else None for k, v in vars(sample).items()})
+    else:
+        # Normals are SDF gradients, so autograd runs even for callers under torch.no_grad(); the graph is
+        # kept (create_graph) only when the caller wants gradients, e.g. for the eikonal or shading losses.
+        gradient, sample = _sdf_gradient(field, points, differentiable)
 
     sdf = sample.sdf.reshape(rays, samples)
     if sample.offset is not None:
@@ -192,10 +192,17 @@ def _render_chunk(
     def accumulate(values: torch.Tensor) -> torch.Tensor:
         return (weights * values.reshape(rays, samples, -1)).sum(1)
 
-    gradient = gradient.reshape(rays, samples, 3)
-    eikonal = ((gradient.norm(dim=-1) - 1.0) ** 2).mean(1, keepdim=True)
-    normal = F.normalize(accumulate(F.normalize(gradient, dim=-1)), dim=-1)
     depth = accumulate(distances) / alpha.clamp_min(1e-6)
+    if gradient is None:
+        # One point per ray where its weights put the surface (inside the ray's segment, also for misses).
+        surface = origins + directions * torch.minimum(torch.maximum(depth, bins[:, :1]), bins[:, -1:]).detach()
+        gradient, _ = _sdf_gradient(field, surface, differentiable, sdf_only=True)
+        eikonal = (gradient.norm(dim=-1, keepdim=True) - 1.0) ** 2
+        normal = F.normalize(gradient, dim=-1)
+    else:
+        gradient = gradient.reshape(rays, samples, 3)
+        eikonal = ((gradient.norm(dim=-1) - 1.0) ** 2).mean(1, keepdim=True)
+        normal = F.normalize(accumulate(F.normalize(gradient, dim=-1)), dim=-1)
     albedo, roughness, metallic = accumulate(sample.albedo), accumulate(sample.roughness), accumulate(sample.metallic)
 
     if environment is not None and not options.use_radiance:
@@ -214,6 +221,22 @@ def _render_chunk(
     else:
         raise ValueError("rendering needs an environment to shade under, or a field with a radiance head")
     return RenderOutput(rgb, alpha, depth * (alpha > 1e-6), normal, albedo, roughness, metallic, eikonal)
+
+
+def _sdf_gradient(
+    field: SurfaceField, points: torch.Tensor, differentiable: bool, sdf_only: bool = False
+) -> tuple[torch.Tensor, FieldSample | None]:
+    """The SDF gradient [N, 3] at points (graph kept when differentiable) and the field's values there."""
+    with torch.enable_grad():
+        points = points.detach().requires_grad_(True)
+        sample = None if sdf_only else field(points)
+        sdf = field.sdf(points) if sample is None else sample.sdf
+        if not sdf.requires_grad:
+            raise ValueError("the field's sdf is not differentiable with respect to the query points")
+        (gradient,) = torch.autograd.grad(sdf.sum(), points, create_graph=differentiable)
+    if not differentiable and sample is not None:
+        sample = type(sample)(**{k: v.detach() if v is not None else None for k, v in vars(sample).items()})
+    return gradient, sample
 
 
 def render_views(

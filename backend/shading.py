@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .exr import read_exr, stack_channels
 
 ENVIRONMENTS_DIR = Path(__file__).resolve().parent / "assets" / "environments"
 BUILTIN_ENVIRONMENTS = ("city", "courtyard", "forest", "interior", "night", "studio", "sunrise", "sunset")
@@ -54,15 +55,13 @@ def builtin_environment(name: str = "studio") -> Path:
 
 
 def _read_exr(path: Path) -> np.ndarray:
-    import OpenEXR
-
-    with OpenEXR.File(str(path), separate_channels=True) as exr:
-        channels = {name.split(".")[-1].upper(): channel.pixels for name, channel in exr.channels().items()}
-    if all(c in channels for c in "RGB"):
-        return np.stack([channels[c] for c in "RGB"], axis=-1).astype(np.float32)
-    if "Y" in channels:
-        return np.repeat(channels["Y"][..., None], 3, axis=-1).astype(np.float32)
-    raise InputError(f"{path}: the EXR has no R, G, B (or Y) channels; save the environment as an RGB EXR")
+    channels = read_exr(path, "environment map")
+    image = stack_channels(channels, "RGB")
+    if image is None and "Y" in channels:
+        image = np.repeat(channels["Y"][..., None], 3, axis=-1)
+    if image is None:
+        raise InputError(f"{path}: the EXR has no R, G, B (or Y) channels; save the environment as an RGB EXR")
+    return image
 
 
 def _read_hdr(path: Path) -> np.ndarray:
@@ -274,8 +273,14 @@ def brdf_lut(size: int = BRDF_LUT_SIZE, samples: int = BRDF_LUT_SAMPLES) -> torc
     return torch.stack([scale, bias], dim=-1).float()
 
 
+@functools.cache
+def _brdf_lut_on(device: torch.device) -> torch.Tensor:
+    """brdf_lut() moved to a device once (a host-to-device copy at every shade call stalls the GPU)."""
+    return brdf_lut().to(device)
+
+
 def _lookup_brdf_lut(cos_v: torch.Tensor, roughness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lut = brdf_lut().to(cos_v.device)
+    lut = _brdf_lut_on(cos_v.device)
     size = lut.shape[0]
     # Texel centres of the table sit at k / (size - 1); bilinear() puts them at k + 0.5.
     x = cos_v.clamp(0.0, 1.0) * (size - 1) + 0.5
@@ -371,8 +376,8 @@ class Environment:
         levels, _ = self._split_sum_tables()
         directions = self._texture_directions(directions)
         position = roughness.clamp(0.0, 1.0) * (len(levels) - 1)
-        # Levels are a pyramid indexed by roughness: each point reads only the two around its own.
-        result = _sample_pyramid(levels, directions.reshape(-1, 3), position.reshape(-1))
+        # Levels are a pyramid indexed by roughness: each point blends the two around its own.
+        result = _sample_levels(levels, directions.reshape(-1, 3), position.reshape(-1))
         return result.reshape(*directions.shape[:-1], -1) * self.strength
 
     def _split_sum_tables(self) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -425,6 +430,20 @@ def _sample_pyramid(pyramid: list[torch.Tensor], directions: torch.Tensor, lod: 
                 height, width = level.shape[:2]
                 values = bilinear(level, uv[rows, 0] * width, uv[rows, 1] * height, wrap_x=True)
                 result = result.index_add(0, rows, values * weight[rows])
+    return result
+
+
+def _sample_levels(levels: list[torch.Tensor], directions: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """`_sample_pyramid` for a few levels without data-dependent indexing: every level is read at every point
+    and weighted (zero for all but the two around `position`), so a lookup never waits for the GPU."""
+    uv = direction_to_equirect(directions)
+    position = position.clamp(0.0, len(levels) - 1)[:, None]
+    result = None
+    for index, level in enumerate(levels):
+        weight = (1.0 - (position - index).abs()).clamp_min(0.0)
+        height, width = level.shape[:2]
+        values = bilinear(level, uv[:, 0] * width, uv[:, 1] * height, wrap_x=True) * weight
+        result = values if result is None else result + values
     return result
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))  # run as a plain script from a checkout
 from backend import blender_render as blender  # noqa: E402
 from backend.atomic import atomic_directory, atomic_file  # noqa: E402
 from backend.errors import InputError  # noqa: E402
-from backend.evaluate import EvaluateConfig, _CameraRings, _render_bundle, _write_rgba_png  # noqa: E402
+from backend.evaluate import CameraRings, EvaluateConfig, render_input_bundle, write_rgba_png  # noqa: E402
 from backend.progress import Progress, TerminalProgress  # noqa: E402
 from backend.shading import ENVIRONMENTS_DIR, builtin_environment  # noqa: E402
 from scripts.build_devset import extract_model, furniture_archive, load_spec  # noqa: E402
@@ -93,9 +93,9 @@ def make_demo(out: Path = DEFAULT_OUT, config: DemoConfig = DemoConfig(), progre
         centre, radius = blender.bounding_sphere(bounds)
         render = config.render
         scene = blender.use_cycles(render.resolution, render.resolution, render.samples, seed=render.seed)
-        rings = _CameraRings(centre, radius, render)
+        rings = CameraRings(centre, radius, render)
 
-        _render_bundle(out / "input", scene, bounds, rings, render, progress)
+        render_input_bundle(out / "input", scene, bounds, rings, render, progress)
         scene.cycles.samples = config.test_samples
         points, normals = blender.sample_surface(objects, config.surface_samples, render.seed)
         _render_test_bundle(out / "test", scene, bounds, rings, render, np.hstack([points, normals]), progress)
@@ -110,7 +110,7 @@ def _scale_matrix(scale: float):
 
 
 def _render_test_bundle(
-    folder: Path, scene, bounds: np.ndarray, rings: _CameraRings, render: EvaluateConfig, surface: np.ndarray, progress
+    folder: Path, scene, bounds: np.ndarray, rings: CameraRings, render: EvaluateConfig, surface: np.ndarray, progress
 ) -> None:
     """The held-out views under the test world: PNG + linear EXR per camera, transforms.json, GT surface."""
     from blender_addon.capture import camera_frame, write_transforms
@@ -128,7 +128,7 @@ def _render_test_bundle(
             scene.camera = camera
             rgba = blender.render_linear_rgba(Path(scratch) / f"{index:04d}.exr")
             image, hdr = f"images/{index:04d}.png", f"hdr/{index:04d}.exr"
-            _write_rgba_png(rgba, tmp / image)
+            write_rgba_png(rgba, tmp / image)
             _write_half_exr(rgba, tmp / hdr)
             frames.append({"file_path": image, "hdr_path": hdr, **camera_frame(camera, scene)})
             progress("render test", (index + 1) / len(cameras))

@@ -7,11 +7,12 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from backend import refine as refine_module
 from backend.data.synthetic import sample_scene
 from backend.errors import InputError
 from backend.mesh import extract_surface
 from backend.presets import get_preset
-from backend.refine import Cancelled, RefineConfig, refine, visual_hull_sdf
+from backend.refine import Cancelled, DivergenceError, RefineConfig, refine, visual_hull_sdf
 from backend.render import RenderOptions, render_views
 from backend.shading import Environment, builtin_environment
 
@@ -109,6 +110,37 @@ def test_cancel_stops_with_cancelled_and_progress_names_the_stages(views):
             progress=lambda stage, fraction: seen.append(stage),
         )
     assert set(seen) == {"visual hull"}  # the cancelled coarse stage reported nothing
+
+
+def _losses_with_nan(steps: set[int]):
+    """refine's loss function, with a NaN photometric term at the given calls (counted from 0)."""
+    calls = iter(range(10**6))
+    original = refine_module._losses
+
+    def losses(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        if next(calls) in steps:
+            terms["photometric"] = terms["photometric"] * float("nan")
+        return terms
+
+    return losses
+
+
+def test_a_non_finite_step_is_skipped_and_counted(views, monkeypatch):
+    _, cameras, images, masks, environment = views
+    config = dataclasses.replace(TINY, coarse_steps=4, max_skipped_fraction=0.5)
+    monkeypatch.setattr(refine_module, "_losses", _losses_with_nan({1}))
+    result = refine(cameras, images, masks, config, environment=environment)
+    assert result.report.skipped_steps == 1 and result.report.as_dict()["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in result.field.parameters())
+    assert np.isfinite(result.report.training_psnr)
+
+
+def test_too_many_non_finite_steps_are_a_divergence(views, monkeypatch):
+    _, cameras, images, masks, environment = views
+    monkeypatch.setattr(refine_module, "_losses", _losses_with_nan(set(range(100))))
+    with pytest.raises(DivergenceError, match="non-finite"):
+        refine(cameras, images, masks, TINY, environment=environment)
 
 
 def test_empty_masks_are_an_input_error(views):
