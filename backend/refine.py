@@ -90,13 +90,14 @@ class RefineConfig:
     foreground_fraction: float = 0.7  # share of each batch's rays through masked pixels
     samples: int = 32  # uniform samples per ray
     importance_samples: int = 32
+    surface_normals: bool = True  # shading normals from one SDF gradient per ray (fast) instead of per sample
     grid_learning_rate: float = 5e-3  # the dense feature grid
     sparse_learning_rate: float = 2e-3  # the fine grid: lower, its voxels are small and each sees few rays
     network_learning_rate: float = 1e-2  # decoder heads and beta
     final_learning_rate_fraction: float = 0.1  # each stage decays exponentially to this share of its start
     weights: LossWeights = field(default_factory=LossWeights)
     regulariser_points: int = 1024  # random box points for the eikonal term, per step
-    smoothness_distance: float = 0.01  # canonical units between the paired surface points
+    smoothness_distance: float = 0.03  # canonical units: pairs span a few fine voxels, so voxel-scale bumps are seen
     # The estimated environment (used only when no known lighting is given).
     environment_height: int = 8  # equirectangular [h, 2h]: low frequency by construction
     environment_learning_rate: float = 2e-2
@@ -399,7 +400,7 @@ def refine(
             importance_samples=config.importance_samples,
             chunk_rays=config.rays_per_batch,
             jitter=True,
-            surface_normals=True,
+            surface_normals=config.surface_normals,
         )
 
         skipped = torch.zeros((), dtype=torch.long, device=device)  # on the device: read every check_every steps
