@@ -24,6 +24,8 @@ class LossConfig:
     mask: float = 0.5  # MSE between rendered opacity and the mask
     eikonal: float = 0.05  # |grad sdf| = 1 at the samples
     material: float = 0.0  # MSE on albedo / roughness / metallic where ground truth exists
+    sdf: float = 0.0  # L1 to a known signed distance (synthetic objects), at random points in the box
+    sdf_points: int = 2048
     render: RenderOptions = field(
         default_factory=lambda: RenderOptions(samples=32, importance_samples=16, chunk_rays=4096, jitter=True)
     )
@@ -38,10 +40,12 @@ def view_loss(
     config: LossConfig,
     generator: torch.Generator | None = None,
     materials: dict[str, torch.Tensor] | None = None,
+    truth: SurfaceField | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss terms (unweighted, plus "total") for one object: cameras canonical, images [V, H, W, 3] linear
     premultiplied-free colours, masks [V, H, W]; `materials` optional ground-truth maps "albedo" [V, H, W, 3],
-    "roughness" and "metallic" [V, H, W]."""
+    "roughness" and "metallic" [V, H, W]; `truth` an optional ground-truth field (canonical frame) for the
+    SDF term, whose points are half uniform in the box and half within 0.1 of its surface."""
     origins, directions = image_rays(cameras)
     total = origins[..., 0].numel()
     pick = torch.randint(0, total, (config.rays,), generator=generator, device="cpu").to(images.device)
@@ -61,5 +65,21 @@ def view_loss(
                 truth = materials[name].reshape(total, -1)[pick] * alpha
                 terms[name] = F.mse_loss(getattr(out, name), truth)
                 weights[name] = config.material
+    if truth is not None and config.sdf > 0:
+        uniform = torch.rand(config.sdf_points, 3, generator=generator).to(images.device) * 2 - 1
+        with torch.no_grad():
+            near = uniform - truth.sdf(uniform)[:, None] * _unit_gradient(truth, uniform)  # projected to the surface
+            near = (near + 0.1 * torch.randn(near.shape, generator=generator).to(near)).clamp(-1, 1)
+            points = torch.cat([uniform, near])
+            target = truth.sdf(points)
+        terms["sdf"] = (surface.sdf(points) - target).abs().mean()
+        weights["sdf"] = config.sdf
     terms["total"] = sum(weights[name] * value for name, value in terms.items())
     return terms
+
+
+def _unit_gradient(field: SurfaceField, points: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        points = points.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(field.sdf(points).sum(), points)
+    return F.normalize(gradient, dim=-1)
