@@ -63,8 +63,9 @@ PRESETS: dict[str, Preset] = {
         texture_size=1024,
         target_faces=30_000,
         engine="feedforward",
-        budget="shortest refinement (no feed-forward model yet): 150+300+200 steps of 2048 rays, grids 48^3 + "
-        "128^3 sparse, 1024 px textures, 30k faces; measured 30 s per object (16 views of 512^2) on one H100, target 15 s",
+        budget="without a checkpoint the shortest refinement: 150+300+200 steps of 2048 rays, grids 48^3 + "
+        "128^3 sparse, 1024 px textures, 30k faces; measured 30 s per object (16 views of 512^2) on one H100, "
+        "target 15 s",
     ),
     "standard": Preset(
         name="standard",
