@@ -16,6 +16,7 @@ the identity (zero-initialised output layer), i.e. as plain mean pooling.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -25,6 +26,20 @@ from backend.model.routing import per_kv_head, score_routing
 from kernels.nsa import block_pool, compressed_attention, selected_attention, window_attention
 
 BRANCHES = ("compressed", "selected", "window")
+
+
+class KeyShard(Protocol):
+    """This rank's whole key blocks under sequence parallelism (`backend.parallel.TokenShard`)."""
+
+    local_offsets: torch.Tensor  # [b + 1] block offsets within this rank's key rows
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's key rows -> all key rows, block order (differentiable)."""
+        ...
+
+    def gather_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """One row per block of this rank -> one row per block of all ranks (differentiable)."""
+        ...
 
 
 def nsa_attention(
@@ -146,6 +161,7 @@ class NSACrossAttention(nn.Module):
         top_n: int = 16,
         query_block: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        shard: KeyShard | None = None,
     ) -> torch.Tensor:
         """x_q [Nq, C] and x_kv [Nk, C], both in block order -> [Nq, C].
 
@@ -153,16 +169,24 @@ class NSACrossAttention(nn.Module):
         selected: block lists [Nq, Hkv, n] or [Nq, n] (shared by the KV heads), e.g. from 3D-aware
         routing; when None, NSA's score routing picks top_n blocks from the compressed keys.
         query_block [Nq]: each query's own key block, required exactly when "window" is a branch.
+        shard: under sequence parallelism, x_kv holds only this rank's whole key blocks: they are
+        compressed here, then keys, values and compressed ones are gathered from every rank; `keys`,
+        `selected` and `query_block` stay global (block indices of all ranks).
         """
         if ("window" in self.branches) != (query_block is not None):
             raise ValueError("query_block must be given exactly when the window branch is on")
         num_queries = x_q.shape[0]
         q = self.q(x_q).view(num_queries, self.heads, self.head_dim)  # [Nq, Hq, D]
-        k, v = self.kv(x_kv).view(x_kv.shape[0], 2, self.kv_heads, self.head_dim).unbind(1)  # [Nk, Hkv, D]
+        kv = self.kv(x_kv).view(x_kv.shape[0], 2, self.kv_heads, self.head_dim)
+        k, v = kv.unbind(1)  # [Nk, Hkv, D]
         need_scores = "selected" in self.branches and selected is None
         k_cmp = v_cmp = None
         if "compressed" in self.branches or need_scores:
-            k_cmp, v_cmp = self.compress(k, v, keys.block_offsets)  # [Bk, Hkv, D]
+            k_cmp, v_cmp = self.compress(k, v, keys.block_offsets if shard is None else shard.local_offsets)
+            if shard is not None:
+                k_cmp, v_cmp = shard.gather_blocks(torch.stack([k_cmp, v_cmp], 1)).unbind(1)  # [Bk, Hkv, D]
+        if shard is not None:
+            k, v = shard.gather_tokens(kv).unbind(1)
         if need_scores:
             selected = score_routing(q.detach(), k_cmp.detach(), query_cu, keys.block_cu, top_n)
         elif selected is not None and selected.ndim == 2:

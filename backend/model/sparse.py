@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from .blocks import TokenBlocks, image_block_centres_px, partition
 from .config import ModelConfig
 from .nsa import NSACrossAttention
 from .routing import per_kv_head, route_to_image, route_to_volume
+
+if TYPE_CHECKING:
+    from ..parallel import SequenceShard
 
 FOREGROUND = 0.5  # a patch is foreground if any of its mask pixels reaches this
 
@@ -131,22 +135,32 @@ class SparseBlock(TokenBlock):
         }
         self.window = config.window
 
-    def forward(self, v: torch.Tensor, i: torch.Tensor, layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """v [Mv, C], i [Mi, C]: packed tokens in block order."""
+    def forward(
+        self, v: torch.Tensor, i: torch.Tensor, layout: SparseLayout, shard: SequenceShard | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """v [Mv, C], i [Mi, C]: packed tokens in block order; with `shard` (sequence parallelism,
+        `backend.parallel`), only this rank's rows of them."""
         nv, ni = self.norm_v(v), self.norm_i(i)
         sets = {"v": (nv, layout.volume), "i": (ni, layout.image)}
         updates = {}
         for pair in self.pairs:
             (x_q, query_blocks), (x_kv, key_blocks) = sets[pair[0]], sets[pair[1]]
             own_block = key_blocks.token_block if pair[0] == pair[1] and self.window else None
+            query_cu, selected, key_shard = query_blocks.token_cu, layout.selected[pair], None
+            if shard is not None:  # this rank's queries; the layout's block indices stay global
+                rows, key_shard = shard[pair[0]].rows, shard[pair[1]]
+                query_cu = shard[pair[0]].query_cu
+                selected = selected[rows] if selected is not None else None
+                own_block = own_block[rows] if own_block is not None else None
             updates[pair] = self.attention[pair](
                 x_q,
                 x_kv,
                 keys=key_blocks,
-                query_cu=query_blocks.token_cu,
-                selected=layout.selected[pair],
+                query_cu=query_cu,
+                selected=selected,
                 top_n=self.top_n[pair],
                 query_block=own_block,
+                shard=key_shard,
             )
         dv, di = self.gated(updates)
         return self.feed_forward(v + dv, i + di if di is not None else i)
