@@ -112,6 +112,11 @@ class TokenShard:
         """This rank's rows of the block order."""
         return slice(self.token_bounds[self.rank], self.token_bounds[self.rank + 1])
 
+    @property
+    def source_rows(self) -> slice:
+        """The block-order rows this rank holds before `to_blocks` and after `from_blocks`."""
+        return slice(self.source_bounds[self.rank], self.source_bounds[self.rank + 1])
+
     def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's source rows [n, ...] -> its whole blocks' rows (the all-to-all before the first block)."""
         send, receive = overlaps(self.source_bounds, self.token_bounds, self.rank)

@@ -104,7 +104,7 @@ def _compare(routing: str, arrival: str) -> dict:
         {"v": layout.volume.token_cu.tolist(), "i": layout.image.token_cu.tolist()} if arrival == "objects" else {}
     )
     shard = SequenceShard.of(layout, source_bounds=sources)
-    rows = {s: slice(shard[s].source_bounds[shard[s].rank], shard[s].source_bounds[shard[s].rank + 1]) for s in "vi"}
+    rows = {s: shard[s].source_rows for s in "vi"}
     mine = {s: (v if s == "v" else i)[rows[s]].clone().requires_grad_() for s in "vi"}
     out = dict(zip("vi", run_sparse_blocks(blocks, mine["v"], mine["i"], layout, shard), strict=True))
     sum((out[s] * weights[s][rows[s]]).sum() for s in "vi").backward()
