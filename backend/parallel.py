@@ -34,8 +34,6 @@ from torch import nn
 from backend.model.blocks import TokenBlocks
 from backend.model.sparse import SparseBlock, SparseLayout
 
-SETS = ("v", "i")  # volume and image tokens, named as in attention.PAIRS
-
 
 def balanced_bounds(block_offsets: Sequence[int], ranks: int) -> list[int]:
     """Token bounds [ranks + 1] that give each rank a contiguous run of whole blocks, balanced by tokens.
