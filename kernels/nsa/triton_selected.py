@@ -35,8 +35,10 @@ SHARING_LIMIT = 0.6  # tile queries when the union costs under this fraction of 
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with float32 accumulation; UPCAST for the CPU interpreter, whose dot cannot read bfloat16."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -192,6 +194,21 @@ def _dkdv_kernel(
         tl.store(DV + cols[:, None] * stride_dv + h * D + dims[None, :], dv, mask=col_ok[:, None])
 
 
+# A few launch configurations, tried once per kernel shape on the GPU (every kernel overwrites its
+# outputs, so the tuning runs are harmless); the interpreter takes the first.
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2))]
+_tuned: dict = {}
+
+
+def _launch(kernel, grid: tuple[int, int], *args, **constants) -> None:
+    if _interpreting():
+        kernel[grid](*args, **constants, num_warps=4, num_stages=2)
+        return
+    if kernel not in _tuned:
+        _tuned[kernel] = triton.autotune(_CONFIGS, key=["G", "ROWS", "D", "BLOCK_K"])(kernel)
+    _tuned[kernel][grid](*args, **constants)
+
+
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether these kernels take q [Nq, Hq, D] and k [Nk, Hkv, D] (else use the reference)."""
     head_dim = q.shape[-1]
@@ -278,15 +295,14 @@ def forward(
     if num_queries == 0:
         return out, lse
     rows = _rows_of(group, tile)
-    grid = (blocks.shape[0], kv_heads)
-    _forward_kernel[grid](
+    _launch(
+        _forward_kernel, (blocks.shape[0], kv_heads),
         q, k, v, out, lse, offsets, blocks, counts, selected,
         num_queries, selected.shape[2], blocks.shape[2], kv_heads,
         q.stride(0), k.stride(0), v.stride(0), out.stride(0), selected.stride(0), selected.stride(1),
         scale * LOG2E,
         G=group, T=tile, ROWS=rows, D=head_dim, BLOCK_K=_block_k(head_dim),
         SLOTS=triton.next_power_of_2(max(selected.shape[2], 1)), PRECISION=_precision(q), UPCAST=_interpreting(),
-        num_warps=_warps(rows, head_dim), num_stages=2,
     )  # fmt: skip
     return out, lse
 
@@ -325,7 +341,8 @@ def backward(
     if num_queries:
         blocks, counts = lists
         rows = _rows_of(group, tile)
-        _dq_kernel[(blocks.shape[0], kv_heads)](
+        _launch(
+            _dq_kernel, (blocks.shape[0], kv_heads),
             q, k, v, grad_out, lse2, delta, dq, offsets, blocks, counts, selected,
             num_queries, selected.shape[2], blocks.shape[2], kv_heads,
             q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dq.stride(0),
@@ -333,19 +350,18 @@ def backward(
             scale, scale * LOG2E,
             G=group, T=tile, ROWS=rows, D=head_dim, BLOCK_K=block_k,
             SLOTS=triton.next_power_of_2(max(selected.shape[2], 1)), PRECISION=precision, UPCAST=_interpreting(),
-            num_warps=_warps(rows, head_dim), num_stages=2,
         )  # fmt: skip
     if num_blocks and num_keys:
         pointers, queries = block_queries(selected, num_blocks)
         rows = _rows_of(group, max(1, TILE_ROWS // group))
-        _dkdv_kernel[(num_blocks, kv_heads)](
+        _launch(
+            _dkdv_kernel, (num_blocks, kv_heads),
             q, k, v, grad_out, lse2, delta, dk, dv, offsets, pointers, queries,
             num_blocks, kv_heads,
             q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dk.stride(0), dv.stride(0),
             scale, scale * LOG2E,
             G=group, QB=rows // group, ROWS=rows, D=head_dim, BLOCK_K=block_k,
             PRECISION=precision, UPCAST=_interpreting(),
-            num_warps=_warps(rows, head_dim), num_stages=2,
         )  # fmt: skip
     return dq, dk, dv
 
@@ -367,10 +383,6 @@ def _rows_of(group: int, tile: int) -> int:
 
 def _block_k(head_dim: int) -> int:
     return 64 if head_dim <= 128 else 32
-
-
-def _warps(rows: int, head_dim: int) -> int:
-    return 8 if rows * head_dim >= 128 * 128 else 4
 
 
 def _precision(q: torch.Tensor) -> str:
