@@ -1,19 +1,22 @@
 """Benchmark: LSRM forward time and peak memory with random weights (issue 4's reference-path numbers).
 
     python bench/model_forward.py [--configs small paper] [--views 8 16] [--res 512 768] [--device auto]
-                                  [--dtype bfloat16] [--dense-blocks 1] [--out out/bench/model_forward.json]
+                                  [--dtype bfloat16] [--dense-blocks 1] [--nsa kernels|reference]
+                                  [--out out/bench/model_forward.json]
 
 Random weights predict no surface, so a sphere of radius 0.8 (its SDF and its exact masks) stands in
 for the stage-1 geometry that picks stage 2's tokens; the token counts are printed. Per case: stage-1
 time, the whole forward (stage 1 + token selection + routing + stage 2 with the reference NSA ops),
 and, for comparison, dense attention blocks run over the same stage-2 tokens (timed for
 --dense-blocks blocks and scaled to the model's depth; the table says so). Prints a table and writes
-JSON. A benchmark, not a test: nothing here asserts a time.
+JSON. --nsa picks the NSA ops: `kernels` (the Triton/SDPA kernels where they apply, CUDA) or
+`reference` (the PyTorch reference everywhere). A benchmark, not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +31,7 @@ from backend.device import device_report, pick_device
 from backend.model.attention import DenseBlock
 from backend.model.config import CONFIGS
 from backend.model.lsrm import LSRM, Views
+from kernels.nsa import reference_only
 
 RADIUS = 0.8
 
@@ -118,6 +122,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--dense-blocks", type=int, default=1, help="dense blocks to time (scaled to the depth)")
+    parser.add_argument("--nsa", default="kernels", choices=["kernels", "reference"], help="NSA ops to run")
     parser.add_argument("--out", type=Path, default=Path("out/bench/model_forward.json"))
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -127,7 +132,9 @@ def main() -> None:
         for views in args.views:
             for size in args.res:
                 try:
-                    rows.append(run_case(name, views, size, device, dtype, args.dense_blocks))
+                    with reference_only() if args.nsa == "reference" else contextlib.nullcontext():
+                        rows.append(run_case(name, views, size, device, dtype, args.dense_blocks))
+                    rows[-1]["nsa"] = args.nsa
                 except torch.OutOfMemoryError as error:
                     rows.append(
                         {"config": name, "views": views, "resolution": size, "error": f"out of memory: {error}"}

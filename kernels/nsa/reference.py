@@ -24,6 +24,7 @@ pass (activation checkpointing), so training memory stays bounded as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,13 +57,16 @@ def selected_attention(
     scale: float | None = None,
     *,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Each query attends to the union of the tokens of its selected blocks: [Nq, Hq, D].
 
     q [Nq, Hq, D]; k, v [Nk, Hkv, D]; selected [Nq, Hkv, n] global block indices (-1 = empty).
     The softmax runs over all keys of all selected blocks together; a query (head) without any
     valid block, or whose blocks are all empty, gets zeros. `chunk_size` queries are processed at
-    a time (default: as many as fit a fixed working-set budget).
+    a time (default: as many as fit a fixed working-set budget). With `return_lse`, also the
+    log-sum-exp of each query head's scaled scores, [Nq, Hq] in float32 at least (-inf without keys),
+    which mixes branches by their softmax mass.
     """
     num_queries, q_heads, head_dim = _check_heads(q, k, v)
     kv_heads = k.shape[1]
@@ -73,7 +77,8 @@ def selected_attention(
     lengths = block_offsets[1:] - block_offsets[:-1]  # [Bk]
     slots = selected.shape[2]
     if num_queries == 0 or slots == 0 or lengths.numel() == 0:
-        return torch.zeros_like(q)
+        out = torch.zeros_like(q)
+        return (out, q.new_full(q.shape[:2], -math.inf, dtype=_math_dtype(q))) if return_lse else out
     max_len = int(lengths.max())
     selected = _distinct(selected)
     # Keys and values are small under GQA (Hkv heads): upcast them once rather than per chunk.
@@ -92,15 +97,16 @@ def selected_attention(
         heads = torch.arange(kv_heads, device=q.device)[None, :, None]
         k_sel, v_sel = k_all[rows, heads], v_all[rows, heads]  # [C, Hkv, n*L, D]
         q_grouped = q_c.to(_math_dtype(q_c)).view(count, kv_heads, -1, head_dim)  # [C, Hkv, G, D]
-        out = _attend(q_grouped, k_sel, v_sel, key_valid.flatten(2)[:, :, None, :], scale)
-        return out.reshape(count, q_heads, head_dim).to(q.dtype)
+        out, lse = _attend(q_grouped, k_sel, v_sel, key_valid.flatten(2)[:, :, None, :], scale, with_lse=True)
+        return out.reshape(count, q_heads, head_dim).to(q.dtype), lse.reshape(count, q_heads)
 
     recompute = chunk < num_queries
     pieces = [
         _maybe_checkpoint(recompute, attend_chunk, q[s : s + chunk], selected[s : s + chunk], k32, v32)
         for s in range(0, num_queries, chunk)
     ]
-    return torch.cat(pieces)
+    out = torch.cat([piece[0] for piece in pieces])
+    return (out, torch.cat([piece[1] for piece in pieces])) if return_lse else out
 
 
 def compressed_attention(
@@ -166,27 +172,42 @@ def window_attention(
 
     The selected-block attention with a single-entry list, shared by every KV head.
     """
-    kv_heads = k.shape[1]
-    selected = query_block.view(-1, 1, 1).expand(-1, kv_heads, 1)  # [Nq, Hkv, 1]
-    return selected_attention(q, k, v, block_offsets, selected, scale, chunk_size=chunk_size)
+    return selected_attention(
+        q, k, v, block_offsets, window_selection(query_block, k.shape[1]), scale, chunk_size=chunk_size
+    )
+
+
+def window_selection(query_block: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The window branch as a selection: query_block [Nq] -> [Nq, Hkv, 1], shared by the KV heads."""
+    return query_block.view(-1, 1, 1).expand(-1, kv_heads, 1)
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scale: float,
+    *,
+    with_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in float32: q [C, Hkv, G, D], k and v [C or 1, Hkv, L, D] -> [C, Hkv, G, D].
 
-    key_valid (broadcastable to [C, Hkv, G, L]) masks keys out; a row with no valid key returns zeros.
+    key_valid (broadcastable to [C, Hkv, G, L]) masks keys out; a row with no valid key returns zeros
+    (and, `with_lse`, the log-sum-exp [C, Hkv, G] of its scores is -inf).
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [C, Hkv, G, L]
     if key_valid is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return (out, torch.logsumexp(scores, dim=-1)) if with_lse else out
     has_key = key_valid.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~key_valid, float("-inf"))
     # An all-masked row would give NaN (forward and backward): give it finite scores, zero it after.
     scores = torch.where(has_key, scores, 0.0)
-    probs = torch.softmax(scores, dim=-1) * has_key
-    return torch.matmul(probs, v)
+    out = torch.matmul(torch.softmax(scores, dim=-1) * has_key, v)
+    if not with_lse:
+        return out
+    return out, torch.logsumexp(scores, dim=-1).masked_fill(~has_key[..., 0], -math.inf)
 
 
 def _distinct(selected: torch.Tensor) -> torch.Tensor:
@@ -217,7 +238,7 @@ def _chunk(chunk_size: int | None, per_query_elements: int, num_queries: int) ->
     return max(1, min(chunk_size, max(num_queries, 1)))
 
 
-def _maybe_checkpoint(recompute: bool, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+def _maybe_checkpoint(recompute: bool, fn: Callable[..., object], *args: torch.Tensor) -> object:
     """fn(*args); with `recompute`, its large intermediates are recomputed in the backward pass, not kept."""
     if recompute and torch.is_grad_enabled() and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)

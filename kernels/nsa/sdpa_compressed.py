@@ -1,0 +1,38 @@
+"""The compressed branch through `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
+
+Every query of an object attends to all of that object's compressed blocks, which is plain dense
+attention per object over few keys; SDPA's fused kernels do it without the reference's float32
+score matrix. Same semantics as `kernels.nsa.reference.compressed_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    q_token_cu: torch.Tensor,
+    block_cu: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q [Nq, Hq, D]; k_cmp, v_cmp [Bk, Hkv, D]; q_token_cu, block_cu [B + 1] -> [Nq, Hq, D] (zeros without blocks)."""
+    group = q.shape[1] // k_cmp.shape[1]
+    pieces = []
+    q_bounds, b_bounds = q_token_cu.tolist(), block_cu.tolist()
+    for obj in range(len(q_bounds) - 1):
+        q_start, q_end, b_start, b_end = q_bounds[obj], q_bounds[obj + 1], b_bounds[obj], b_bounds[obj + 1]
+        if q_end == q_start:
+            continue
+        if b_end == b_start:
+            pieces.append(torch.zeros_like(q[q_start:q_end]))  # no block to attend to
+            continue
+        # [1, H, L, D] views; the few compressed keys are expanded to every query head (any SDPA backend).
+        keys = k_cmp[b_start:b_end].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        values = v_cmp[b_start:b_end].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        result = F.scaled_dot_product_attention(q[q_start:q_end].transpose(0, 1)[None], keys, values, scale=scale)
+        pieces.append(result[0].transpose(0, 1))
+    return torch.cat(pieces) if pieces else torch.zeros_like(q)

@@ -1,0 +1,390 @@
+"""Selected-block attention in Triton, forward and backward (the per-query mode of NSA).
+
+Same semantics as `kernels.nsa.reference.selected_attention`, plus the log-sum-exp of each query
+head's scores (natural log, -inf for a query head without any key) for mixing branches.
+
+Work split (G = Hq // Hkv query heads share a KV head and are loaded together as one tile):
+- forward and dq: one program per tile of T consecutive queries and one KV head owns a [T*G, D]
+  query tile and walks the union of the tile's block lists (`block_lists.tile_lists`), masking
+  per row the blocks that row's query did not choose. T = 1 is the plain per-query kernel; T > 1
+  pays off when neighbouring queries share most blocks (3D routing), and `choose_tile` picks it
+  from a cheap sample of the lists.
+- dk and dv: one program per key block and KV head walks the queries that chose the block (the
+  selection inverted into CSR lists, `block_lists.block_queries`), a few queries at a time, so every
+  key gradient is written once, without atomics, deterministically.
+Blocks have any size: a block is read in chunks of BLOCK_K keys with the tail masked, so a block
+costs ceil(size / BLOCK_K) steps, not the largest block's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.nsa.block_lists import block_queries, sharing, tile_lists
+
+LOG2E = 1.4426950408889634
+TILE_ROWS = 64  # query rows (T * G) of a program when neighbouring queries are tiled together
+SHARING_LIMIT = 0.6  # tile queries when the union costs under this fraction of the separate lists
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation; UPCAST for the CPU interpreter, whose dot cannot read bfloat16."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, O, LSE, OFFSETS, BLOCKS, COUNTS, SELECTED,
+    num_queries, slots, union_width, kv_heads,
+    stride_q, stride_k, stride_v, stride_o, stride_sel_q, stride_sel_h,
+    scale_log2,
+    G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+    BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    query = tile * T + rows // G
+    head = h * G + rows % G
+    row_ok = (rows < T * G) & (query < num_queries)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if T > 1:
+        slot = tl.arange(0, SLOTS)
+        chosen = tl.load(
+            SELECTED + query[:, None] * stride_sel_q + h * stride_sel_h + slot[None, :],
+            mask=row_ok[:, None] & (slot[None, :] < slots),
+            other=-1,
+        )
+    m = tl.full([ROWS], -1.0e30, tl.float32)  # finite: a row without keys keeps p = 0, never NaN
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    list_base = (tile * kv_heads + h) * union_width
+    count = tl.load(COUNTS + tile * kv_heads + h)
+    for u in range(count):
+        block = tl.load(BLOCKS + list_base + u)
+        start = tl.load(OFFSETS + block)
+        end = tl.load(OFFSETS + block + 1)
+        take = row_ok
+        if T > 1:
+            take = take & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
+        for first in range(start, end, BLOCK_K):
+            cols = first + tl.arange(0, BLOCK_K)
+            col_ok = cols < end
+            kt = tl.load(K + cols[None, :] * stride_k + h * D + dims[:, None], mask=col_ok[None, :], other=0.0)
+            s = _dot(q, kt, PRECISION, UPCAST) * scale_log2
+            s = tl.where(take[:, None] & col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            total = total * alpha + tl.sum(p, axis=1)
+            vv = tl.load(V + cols[:, None] * stride_v + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, PRECISION, UPCAST)
+            m = m_new
+    has_key = total > 0
+    out = acc / tl.where(has_key, total, 1.0)[:, None]
+    lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, total, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(O + query[:, None] * stride_o + head[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(LSE + query * (kv_heads * G) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ, OFFSETS, BLOCKS, COUNTS, SELECTED,
+    num_queries, slots, union_width, kv_heads,
+    stride_q, stride_k, stride_v, stride_do, stride_dq, stride_sel_q, stride_sel_h,
+    scale, scale_log2,
+    G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+    BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    query = tile * T + rows // G
+    head = h * G + rows % G
+    row_ok = (rows < T * G) & (query < num_queries)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + query[:, None] * stride_do + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + query * (kv_heads * G) + head, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + query * (kv_heads * G) + head, mask=row_ok, other=0.0)
+    if T > 1:
+        slot = tl.arange(0, SLOTS)
+        chosen = tl.load(
+            SELECTED + query[:, None] * stride_sel_q + h * stride_sel_h + slot[None, :],
+            mask=row_ok[:, None] & (slot[None, :] < slots),
+            other=-1,
+        )
+    dq = tl.zeros([ROWS, D], tl.float32)
+    list_base = (tile * kv_heads + h) * union_width
+    count = tl.load(COUNTS + tile * kv_heads + h)
+    for u in range(count):
+        block = tl.load(BLOCKS + list_base + u)
+        start = tl.load(OFFSETS + block)
+        end = tl.load(OFFSETS + block + 1)
+        take = row_ok
+        if T > 1:
+            take = take & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
+        for first in range(start, end, BLOCK_K):
+            cols = first + tl.arange(0, BLOCK_K)
+            col_ok = cols < end
+            kk = tl.load(K + cols[:, None] * stride_k + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+            vv = tl.load(V + cols[:, None] * stride_v + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(kk), PRECISION, UPCAST) * scale_log2
+            p = tl.where(take[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dp = _dot(do, tl.trans(vv), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(kk.dtype), kk, PRECISION, UPCAST)
+    tl.store(DQ + query[:, None] * stride_dq + head[:, None] * D + dims[None, :], dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DK, DV, OFFSETS, POINTERS, QUERIES,
+    num_blocks, kv_heads,
+    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
+    scale, scale_log2,
+    G: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    start = tl.load(OFFSETS + block)
+    end = tl.load(OFFSETS + block + 1)
+    first_entry = tl.load(POINTERS + h * num_blocks + block)
+    last_entry = tl.load(POINTERS + h * num_blocks + block + 1)
+    rows = tl.arange(0, ROWS)
+    head = h * G + rows % G
+    dims = tl.arange(0, D)
+    for first in range(start, end, BLOCK_K):
+        cols = first + tl.arange(0, BLOCK_K)
+        col_ok = cols < end
+        kk = tl.load(K + cols[:, None] * stride_k + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        vv = tl.load(V + cols[:, None] * stride_v + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_K, D], tl.float32)
+        dv = tl.zeros([BLOCK_K, D], tl.float32)
+        for entry in range(first_entry, last_entry, QB):
+            position = entry + rows // G
+            row_ok = (rows < QB * G) & (position < last_entry)
+            query = tl.load(QUERIES + position, mask=row_ok, other=0).to(tl.int64)
+            q = tl.load(
+                Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0
+            )
+            do = tl.load(
+                DO + query[:, None] * stride_do + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0
+            )
+            lse2 = tl.load(LSE2 + query * (kv_heads * G) + head, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + query * (kv_heads * G) + head, mask=row_ok, other=0.0)
+            s = _dot(q, tl.trans(kk), PRECISION, UPCAST) * scale_log2
+            p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dp = _dot(do, tl.trans(vv), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+        tl.store(DK + cols[:, None] * stride_dk + h * D + dims[None, :], dk * scale, mask=col_ok[:, None])
+        tl.store(DV + cols[:, None] * stride_dv + h * D + dims[None, :], dv, mask=col_ok[:, None])
+
+
+# A few launch configurations, tried once per kernel shape on the GPU (every kernel overwrites its
+# outputs, so the tuning runs are harmless); the interpreter takes the first.
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2))]
+_tuned: dict = {}
+
+
+def _launch(kernel, grid: tuple[int, int], *args, **constants) -> None:
+    if _interpreting():
+        kernel[grid](*args, **constants, num_warps=4, num_stages=2)
+        return
+    if kernel not in _tuned:
+        _tuned[kernel] = triton.autotune(_CONFIGS, key=["G", "ROWS", "D", "BLOCK_K"])(kernel)
+    _tuned[kernel][grid](*args, **constants)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these kernels take q [Nq, Hq, D] and k [Nk, Hkv, D] (else use the reference)."""
+    head_dim = q.shape[-1]
+    return (
+        q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and k.dtype == q.dtype
+        and head_dim in (16, 32, 64, 128, 256)
+        and q.shape[1] % k.shape[1] == 0
+    )
+
+
+def choose_tile(selected: torch.Tensor, group: int) -> int:
+    """Queries per program: several when neighbouring queries share most of their blocks, else 1."""
+    tile = max(1, TILE_ROWS // group)
+    if tile == 1 or selected.shape[0] < 2 * tile:
+        return 1
+    return tile if sharing(selected, tile) < SHARING_LIMIT else 1
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_offsets: torch.Tensor,
+    selected: torch.Tensor,
+    scale: float | None = None,
+    *,
+    tile: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected-block attention: (out [Nq, Hq, D] in q's dtype, lse [Nq, Hq] float32); differentiable.
+
+    q [Nq, Hq, D]; k, v [Nk, Hkv, D]; block_offsets [Bk + 1] covering the keys (block_offsets[0] = 0,
+    block_offsets[-1] = Nk); selected [Nq, Hkv, n] global block indices, -1 empty, repeats count
+    once. tile: queries per program (None: `choose_tile`). Gradients flow to q, k, v, through the
+    output and the lse.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if tile is None:
+        tile = choose_tile(selected, q.shape[1] // k.shape[1])
+    return _SelectedAttention.apply(q, k, v, block_offsets, selected, scale, tile)
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_offsets, selected, scale, tile):
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        offsets = block_offsets.to(device=q.device, dtype=torch.long).contiguous()
+        selected = selected if selected.stride(-1) == 1 else selected.contiguous()
+        lists = tile_lists(selected, tile)
+        out, lse = forward(q, k, v, offsets, selected, lists, scale, tile)
+        ctx.save_for_backward(q, k, v, out, lse, offsets, selected, *lists)
+        ctx.scale, ctx.tile = scale, tile
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, offsets, selected, blocks, counts = ctx.saved_tensors
+        dq, dk, dv = backward(
+            q, k, v, out, lse, grad_out, grad_lse, offsets, selected, (blocks, counts), ctx.scale, ctx.tile
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    selected: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    tile: int,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; `out`/`lse` may be given (tests poison them to prove every element is written)."""
+    num_queries, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    blocks, counts = lists
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(num_queries, q_heads, dtype=torch.float32, device=q.device) if lse is None else lse
+    if num_queries == 0:
+        return out, lse
+    rows = _rows_of(group, tile)
+    _launch(
+        _forward_kernel, (blocks.shape[0], kv_heads),
+        q, k, v, out, lse, offsets, blocks, counts, selected,
+        num_queries, selected.shape[2], blocks.shape[2], kv_heads,
+        q.stride(0), k.stride(0), v.stride(0), out.stride(0), selected.stride(0), selected.stride(1),
+        scale * LOG2E,
+        G=group, T=tile, ROWS=rows, D=head_dim, BLOCK_K=_block_k(head_dim),
+        SLOTS=triton.next_power_of_2(max(selected.shape[2], 1)), PRECISION=_precision(q), UPCAST=_interpreting(),
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    offsets: torch.Tensor,
+    selected: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    tile: int,
+    *,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (`grads` may be given: tests poison them). The lse's gradient folds into delta."""
+    num_queries, q_heads, head_dim = q.shape
+    num_keys, kv_heads, _ = k.shape
+    group = q_heads // kv_heads
+    num_blocks = offsets.numel() - 1
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    grad_out = torch.zeros_like(out) if grad_out is None else _rows(grad_out)
+    # delta = rowsum(dO * O) - dlse: dS = P * (dP - delta) then also carries the lse's gradient.
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, math.inf).contiguous()  # p = 0 for a row without keys
+    precision = _precision(q)
+    block_k = _block_k(head_dim)
+    if num_queries:
+        blocks, counts = lists
+        rows = _rows_of(group, tile)
+        _launch(
+            _dq_kernel, (blocks.shape[0], kv_heads),
+            q, k, v, grad_out, lse2, delta, dq, offsets, blocks, counts, selected,
+            num_queries, selected.shape[2], blocks.shape[2], kv_heads,
+            q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dq.stride(0),
+            selected.stride(0), selected.stride(1),
+            scale, scale * LOG2E,
+            G=group, T=tile, ROWS=rows, D=head_dim, BLOCK_K=block_k,
+            SLOTS=triton.next_power_of_2(max(selected.shape[2], 1)), PRECISION=precision, UPCAST=_interpreting(),
+        )  # fmt: skip
+    if num_blocks and num_keys:
+        pointers, queries = block_queries(selected, num_blocks)
+        rows = _rows_of(group, max(1, TILE_ROWS // group))
+        _launch(
+            _dkdv_kernel, (num_blocks, kv_heads),
+            q, k, v, grad_out, lse2, delta, dk, dv, offsets, pointers, queries,
+            num_blocks, kv_heads,
+            q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dk.stride(0), dv.stride(0),
+            scale, scale * LOG2E,
+            G=group, QB=rows // group, ROWS=rows, D=head_dim, BLOCK_K=block_k,
+            PRECISION=precision, UPCAST=_interpreting(),
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D] with heads and dims packed (rows may be strided, e.g. k and v split from one projection)."""
+    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        return x.contiguous()
+    return x
+
+
+def _rows_of(group: int, tile: int) -> int:
+    return max(16, triton.next_power_of_2(group * tile))
+
+
+def _block_k(head_dim: int) -> int:
+    return 64 if head_dim <= 128 else 32
+
+
+def _precision(q: torch.Tensor) -> str:
+    """Exact float32 products for float32 inputs (tf32 would be a silent downgrade); half types as they are."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"

@@ -1,0 +1,309 @@
+"""NSA kernels against the PyTorch reference: Triton selected attention, FlexAttention tiles, SDPA compressed.
+
+On a machine without CUDA the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1,
+set below before the kernel module is imported: Triton reads it when a kernel is decorated) at small
+sizes; with CUDA the same tests run on the GPU at full size. Every run draws fresh random inputs
+(the seed is printed on failure through the test id of `seed`). The oracle is the reference in
+float64 on the same (rounded) inputs; errors are relative Frobenius norms, and a NaN never passes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import nsa  # noqa: E402
+from kernels.nsa import block_lists, reference  # noqa: E402
+from kernels.nsa import triton_selected as ts  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+# (queries, keys, largest block, slots): interpreter sizes on the CPU, full sizes on the GPU.
+SIZES = {"cpu": (11, 160, 70, 4), "cuda": (4096, 16384, 64, 16)}[DEVICE.type]
+HEAD_DIM = 16 if not CUDA else 64
+
+
+@pytest.fixture
+def seed() -> int:
+    value = random.randrange(2**31)
+    print(f"seed {value}")
+    return value
+
+
+@dataclass
+class Problem:
+    q: torch.Tensor  # [Nq, Hq, D]
+    k: torch.Tensor  # [Nk, Hkv, D]
+    v: torch.Tensor
+    block_offsets: torch.Tensor  # [Bk + 1]
+    selected: torch.Tensor  # [Nq, Hkv, n]
+
+
+def make_blocks(generator: torch.Generator, num_keys: int, largest: int) -> torch.Tensor:
+    """Variable block sizes in [0, largest] (empty and one-token blocks included) covering num_keys keys."""
+    sizes = []
+    while sum(sizes) < num_keys:
+        sizes.append(int(torch.randint(0, largest + 1, (1,), generator=generator)))
+    sizes[-1] -= sum(sizes) - num_keys
+    sizes += [0, 1]  # always an empty and a one-token block (the extra key is appended below)
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+
+
+def make_selection(
+    generator: torch.Generator, num_queries: int, kv_heads: int, slots: int, num_blocks: int, routed: bool
+) -> torch.Tensor:
+    """Random lists with -1 slots and repeats; `routed`: neighbouring queries share most blocks (as 3D routing)."""
+    if routed:
+        centre = torch.arange(num_queries) * num_blocks // max(num_queries, 1)
+        spread = torch.randint(-slots, slots + 1, (num_queries, kv_heads, slots), generator=generator)
+        selected = (centre[:, None, None] + spread // 2).clamp(0, num_blocks - 1)
+    else:
+        selected = torch.randint(0, num_blocks, (num_queries, kv_heads, slots), generator=generator)
+    empty = torch.rand(selected.shape, generator=generator) < 0.15
+    selected = selected.masked_fill(empty, -1)
+    if slots > 1:
+        selected[::3, :, -1] = selected[::3, :, 0]  # repeated entries count once
+    selected[num_queries // 2, 0] = -1  # one query (head group) with no block at all
+    return selected
+
+
+def make_problem(
+    seed: int,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    *,
+    sizes: tuple[int, int, int, int] = SIZES,
+    head_dim: int = HEAD_DIM,
+    routed: bool = False,
+) -> Problem:
+    generator = torch.Generator().manual_seed(seed)
+    num_queries, num_keys, largest, slots = sizes
+    block_offsets = make_blocks(generator, num_keys, largest)
+    num_keys = int(block_offsets[-1])
+    selected = make_selection(generator, num_queries, kv_heads, slots, block_offsets.numel() - 1, routed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    return Problem(
+        randn(num_queries, heads, head_dim),
+        randn(num_keys, kv_heads, head_dim),
+        randn(num_keys, kv_heads, head_dim),
+        block_offsets.to(DEVICE),
+        selected.to(DEVICE),
+    )
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """||value - expected|| / ||expected|| over finite entries; fails on any NaN and on mismatched infinities."""
+    assert not value.isnan().any(), "NaN in the kernel's result"
+    value, expected = value.double(), expected.double()
+    assert torch.equal(value.isinf(), expected.isinf()), "infinities differ"
+    finite = expected.isfinite()
+    difference = (value[finite] - expected[finite]).norm()
+    return float(difference / expected[finite].norm().clamp_min(1e-12))
+
+
+def oracle(problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reference out, lse, dq, dk, dv in float64 on the same inputs."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (problem.q, problem.k, problem.v))
+    out, lse = reference.selected_attention(q, k, v, problem.block_offsets, problem.selected, return_lse=True)
+    finite_lse = torch.where(lse.isfinite(), lse, 0.0)
+    loss = (out * grad_out.double()).sum() + (finite_lse * grad_lse.double()).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
+
+
+def kernel_run(problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor, tile: int | None):
+    q, k, v = (x.detach().requires_grad_() for x in (problem.q, problem.k, problem.v))
+    out, lse = ts.selected_attention(q, k, v, problem.block_offsets, problem.selected, tile=tile)
+    finite_lse = torch.where(lse.isfinite(), lse, 0.0)
+    loss = (out.float() * grad_out.float()).sum() + (finite_lse * grad_lse).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
+
+
+def check_against_oracle(problem: Problem, tile: int | None, generator_seed: int) -> None:
+    generator = torch.Generator().manual_seed(generator_seed)
+    grad_out = torch.randn(problem.q.shape, generator=generator).to(DEVICE, problem.q.dtype)
+    grad_lse = torch.randn(problem.q.shape[:2], generator=generator).to(DEVICE)
+    expected = oracle(problem, grad_out, grad_lse)
+    got = kernel_run(problem, grad_out, grad_lse, tile)
+    tolerance = TOLERANCE[problem.q.dtype]
+    for name, value, want in zip(("out", "lse", "dq", "dk", "dv"), got, expected, strict=True):
+        assert value.dtype == (torch.float32 if name == "lse" else problem.q.dtype), name
+        error = relative_error(value, want)
+        assert error < tolerance, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(16, 1), (8, 2)])
+def test_per_query_kernel_matches_the_reference(seed: int, dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+    check_against_oracle(make_problem(seed, dtype, heads, kv_heads), tile=1, generator_seed=seed + 1)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "tile"), [(16, 1, 4), (4, 1, 16), (8, 2, 3)])
+def test_tiled_kernel_matches_the_reference_on_shared_lists(seed: int, heads: int, kv_heads: int, tile: int) -> None:
+    """T queries per program walking the union of their lists, masked per row; odd T leaves a ragged last tile."""
+    problem = make_problem(seed, torch.bfloat16, heads, kv_heads, routed=True)
+    check_against_oracle(problem, tile=tile, generator_seed=seed + 1)
+
+
+@pytest.mark.parametrize("tile", [1, 4])
+def test_one_query_and_one_token_blocks(seed: int, tile: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 16, 1, sizes=(1, 9, 1, 5))
+    check_against_oracle(problem, tile=tile, generator_seed=seed + 1)
+
+
+def test_blocks_longer_than_a_key_chunk_and_head_dim_128(seed: int) -> None:
+    """Blocks up to 150 keys span several BLOCK_K chunks; D = 128."""
+    sizes = (5, 400, 150, 3) if not CUDA else (1024, 16384, 150, 8)
+    problem = make_problem(seed, torch.bfloat16, 4, 1, sizes=sizes, head_dim=128)
+    check_against_oracle(problem, tile=1, generator_seed=seed + 1)
+
+
+def test_a_query_without_keys_gets_zeros_minus_infinity_and_no_gradient(seed: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 8, 2)
+    problem.selected[0] = -1
+    empty = int((problem.block_offsets[1:] == problem.block_offsets[:-1]).nonzero()[0])
+    problem.selected[1] = empty  # only an empty block
+    q = problem.q.detach().requires_grad_()
+    out, lse = ts.selected_attention(q, problem.k, problem.v, problem.block_offsets, problem.selected, tile=1)
+    assert torch.all(out[:2] == 0) and torch.all(lse[:2] == float("-inf"))
+    (dq,) = torch.autograd.grad(out.float().sum() + torch.where(lse.isfinite(), lse, 0.0).sum(), (q,))
+    assert torch.all(dq[:2] == 0) and not dq.isnan().any()
+
+
+@pytest.mark.parametrize("tile", [1, 4])
+def test_every_output_element_is_written(seed: int, tile: int) -> None:
+    """Buffers poisoned with NaN: forward and backward must overwrite every element."""
+    problem = make_problem(seed, torch.bfloat16, 16, 1, routed=tile > 1)
+    q, k, v, offsets, selected = problem.q, problem.k, problem.v, problem.block_offsets, problem.selected
+    lists = block_lists.tile_lists(selected, tile)
+    out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:2], float("nan"), device=DEVICE)
+    ts.forward(q, k, v, offsets, selected, lists, q.shape[-1] ** -0.5, tile, out=out, lse=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    grads = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    ts.backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, lists, q.shape[-1] ** -0.5, tile, grads=grads)
+    for grad in grads:
+        assert not grad.isnan().any()
+
+
+def test_nan_inputs_are_not_hidden(seed: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 16, 1)
+    problem.k[:] = float("nan")
+    out, _ = ts.selected_attention(problem.q, problem.k, problem.v, problem.block_offsets, problem.selected)
+    with pytest.raises(AssertionError, match="NaN"):
+        relative_error(out, torch.zeros_like(out))
+
+
+def test_backward_is_deterministic(seed: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 16, 1, routed=True)
+    grad_out = torch.randn_like(problem.q)
+    grad_lse = torch.randn(problem.q.shape[:2], device=DEVICE)
+    first = kernel_run(problem, grad_out, grad_lse, tile=4)
+    second = kernel_run(problem, grad_out, grad_lse, tile=4)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_window_attention_through_the_kernel(seed: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 16, 1)
+    offsets = problem.block_offsets
+    token_block = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=DEVICE), offsets.diff())
+    query_block = token_block[: problem.q.shape[0]]  # self-attention: each query's own block
+    selected = reference.window_selection(query_block, 1)
+    got, _ = ts.selected_attention(problem.q, problem.k, problem.v, offsets, selected)
+    expected = reference.window_attention(
+        problem.q.double(), problem.k.double(), problem.v.double(), offsets, query_block
+    )
+    assert relative_error(got, expected) < TOLERANCE[torch.bfloat16]
+
+
+def test_tile_lists_and_block_queries_match_python_sets(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    selected = make_selection(generator, 13, 2, 5, 9, routed=False)
+    blocks, counts = block_lists.tile_lists(selected, 4)
+    for t in range(blocks.shape[0]):
+        for h in range(2):
+            union = sorted({b for b in selected[4 * t : 4 * t + 4, h].flatten().tolist() if b >= 0})
+            assert blocks[t, h, : counts[t, h]].tolist() == union
+    pointers, queries = block_lists.block_queries(selected, 9)
+    for h in range(2):
+        for b in range(9):
+            chosen = [i for i in range(13) if b in selected[i, h].tolist()]
+            assert queries[pointers[h * 9 + b] : pointers[h * 9 + b + 1]].tolist() == chosen
+
+
+def test_sharing_estimate_tells_shared_from_random_lists() -> None:
+    same = torch.arange(16).repeat(256, 1)[:, None, :]  # every query the same 16 blocks
+    assert block_lists.sharing(same, 4) == pytest.approx(0.25)
+    random_lists = torch.randint(0, 100000, (1024, 1, 16))
+    assert block_lists.sharing(random_lists, 4) > 0.9
+    assert ts.choose_tile(same, 16) == 4 and ts.choose_tile(random_lists, 16) == 1
+
+
+def test_dispatch_uses_the_reference_off_cuda_or_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(1, device=DEVICE)
+    assert nsa.kernels_enabled(x) == CUDA
+    with nsa.reference_only():
+        assert not nsa.kernels_enabled(x)
+    assert nsa.kernels_enabled(x) == CUDA
+    monkeypatch.setenv("LSRM_NSA_REFERENCE", "1")
+    assert not nsa.kernels_enabled(x)
+
+
+def test_dispatch_matches_the_reference(seed: int) -> None:
+    """The package's functions (kernels on CUDA, the reference elsewhere) against the float64 reference."""
+    problem = make_problem(seed, torch.bfloat16, 16, 1, routed=True)
+    out, lse = nsa.selected_attention(
+        problem.q, problem.k, problem.v, problem.block_offsets, problem.selected, return_lse=True
+    )
+    want_out, want_lse = reference.selected_attention(
+        problem.q.double(), problem.k.double(), problem.v.double(), problem.block_offsets, problem.selected,
+        return_lse=True,
+    )  # fmt: skip
+    assert relative_error(out, want_out) < 1e-2 and relative_error(lse, want_lse) < 1e-2
+
+
+def test_compressed_attention_through_sdpa(seed: int) -> None:
+    from kernels.nsa.sdpa_compressed import compressed_attention
+
+    generator = torch.Generator().manual_seed(seed)
+    q_token_cu, block_cu = torch.tensor([0, 5, 5, 12, 20]), torch.tensor([0, 3, 6, 6, 10])
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q = torch.randn(20, 8, 32, generator=generator).to(DEVICE, dtype)
+    k_cmp, v_cmp = (torch.randn(10, 2, 32, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    got = compressed_attention(q, k_cmp, v_cmp, q_token_cu, block_cu)
+    want = reference.compressed_attention(q.double(), k_cmp.double(), v_cmp.double(), q_token_cu, block_cu)
+    assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+def test_flex_tile_mode_matches_the_reference(seed: int) -> None:
+    """One list per query tile through FlexAttention = selected attention over fixed key tiles."""
+    from kernels.nsa.flex_tiles import tile_attention
+
+    generator = torch.Generator().manual_seed(seed)
+    num_queries, num_keys, q_tile, kv_tile = (300, 520, 64, 128) if not CUDA else (8192, 16384, 128, 128)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q = torch.randn(num_queries, 8, 64, generator=generator).to(DEVICE, dtype)
+    k, v = (torch.randn(num_keys, 2, 64, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    key_tiles = -(-num_keys // kv_tile)
+    tile_selected = torch.randint(-1, key_tiles, (-(-num_queries // q_tile), 2, 4), generator=generator).to(DEVICE)
+    tile_selected[:, :, 0] = tile_selected[:, :, 0].clamp_min(0)  # every tile attends somewhere
+    out, lse = tile_attention(q, k, v, tile_selected, q_tile=q_tile, kv_tile=kv_tile)
+    offsets = torch.tensor([*range(0, num_keys, kv_tile), num_keys], device=DEVICE)
+    per_query = tile_selected.repeat_interleave(q_tile, 0)[:num_queries]
+    want_out, want_lse = reference.selected_attention(
+        q.double(), k.double(), v.double(), offsets, per_query, return_lse=True
+    )
+    assert relative_error(out, want_out) < TOLERANCE[dtype]
+    assert relative_error(lse, want_lse) < TOLERANCE[dtype]
