@@ -7,6 +7,7 @@ no partial output (outputs go through `backend.atomic`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -127,6 +128,16 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"metrics:    {args.out / 'metrics.json'}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    values = {name: getattr(args, name) for name in names if name not in ("inputs", "environments")}
+    record = train(TrainConfig(inputs=tuple(args.inputs), environments=tuple(args.environments), **values))
+    if record:
+        print(json.dumps(record))
+
+
 def _serve(args: argparse.Namespace) -> None:
     from .server import ServiceConfig, serve
     from .uploads import MIB, UploadLimits
@@ -205,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
     demo.add_argument("--preset", choices=list(PRESETS), default=None, help="default: standard on a GPU, else cpu")
 
+    _add_train(command)
+
     from .uploads import MIB, UploadLimits
 
     limits = UploadLimits()
@@ -226,6 +239,49 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-pixels", type=int, default=limits.image_pixels, help="per-image width x height")
     serve.add_argument("--max-views", type=int, default=limits.views, help="views per bundle (default %(default)s)")
     return parser
+
+
+def _add_train(command) -> None:
+    from .data.sources import SOURCES
+    from .model.config import CONFIGS
+    from .train import TrainConfig
+
+    d = TrainConfig(out=Path("."))
+    train = command("train", _train, "train the LSRM transformer (torchrun-launchable; resumes from --out)")
+    train.add_argument("--out", type=Path, required=True, help="run folder: weights, optimizer state, log, eval PNGs")
+    train.add_argument("--model", choices=list(CONFIGS), default=d.model, help=f"model config (default {d.model})")
+    train.add_argument("--stage", type=int, default=d.stage, help="1: dense transformer (default); 2: sparse stage")
+    train.add_argument("--init", type=Path, default=None, help="stage-1 checkpoint that stage 2 starts from")
+    train.add_argument("--steps", type=int, default=d.steps, help="steps; 0: as many as fit in --time-limit")
+    train.add_argument("--time-limit", type=float, default=d.time_limit, help="seconds before saving and stopping")
+    train.add_argument("--batch", type=int, default=d.batch, help=f"objects per device and step ({d.batch})")
+    train.add_argument(
+        "--inputs", type=int, nargs=2, default=list(d.inputs), metavar=("MIN", "MAX"), help="input views"
+    )
+    train.add_argument("--targets", type=int, default=d.targets, help=f"target views per object ({d.targets})")
+    train.add_argument("--resolution", type=int, default=d.resolution, help="view size; 0: the model's image size")
+    train.add_argument("--rays", type=int, default=d.rays, help=f"target rays per object and step ({d.rays})")
+    train.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate ({d.lr})")
+    train.add_argument("--warmup", type=int, default=d.warmup, help=f"warm-up steps ({d.warmup})")
+    train.add_argument("--min-lr-fraction", type=float, default=d.min_lr_fraction, help="cosine floor")
+    train.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    train.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip")
+    train.add_argument("--data", choices=SOURCES, default=d.data, help=f"training views (default {d.data})")
+    train.add_argument("--data-dir", type=Path, default=None, help="bundle folder for --data folder")
+    train.add_argument("--environments", nargs="+", default=list(d.environments), help="studio worlds to light with")
+    train.add_argument("--pool", type=int, default=d.pool, help=f"rendered objects kept per device ({d.pool})")
+    train.add_argument("--refresh-every", type=int, default=d.refresh_every, help="steps per re-rendered object")
+    train.add_argument("--depth-weight", type=float, default=d.depth_weight, help="depth loss weight")
+    train.add_argument("--material-weight", type=float, default=d.material_weight, help="material loss weight")
+    train.add_argument("--sdf-weight", type=float, default=d.sdf_weight, help="known-SDF loss weight")
+    train.add_argument("--normal-weight", type=float, default=d.normal_weight, help="numerical normal loss weight")
+    train.add_argument("--normal-steps", type=int, default=d.normal_steps, help="last steps with the normal loss")
+    train.add_argument("--guide", choices=("model", "truth"), default=d.guide, help="stage-2 token selection")
+    train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between saves")
+    train.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluation renders")
+    train.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
+    train.add_argument("--seed", type=int, default=d.seed, help="run seed (default 0)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
 
 
 def main(argv: list[str] | None = None) -> int:

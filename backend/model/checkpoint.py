@@ -107,3 +107,54 @@ def _listing(kind: str, names: list[str]) -> str:
         return ""
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"{kind} {shown}"
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], path: Path | str) -> Path:
+    """The optimizer's state without pickle: tensors in a safetensors file, everything else in its metadata.
+
+    `names` are the parameter names in the optimizer's order, so the state maps back by name on load.
+    """
+    path = Path(path)
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{names[index]}/{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{names[index]}/{key}"] = value
+    metadata = {
+        "format": "lsrm-optimizer",
+        "names": json.dumps(names),
+        "groups": json.dumps(state["param_groups"]),  # hyperparameters and parameter indices: plain JSON
+        "scalars": json.dumps(scalars),
+    }
+    with atomic_file(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return path
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], path: Path | str) -> None:
+    """Restore what `save_optimizer` wrote into an optimizer over the same named parameters."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"optimizer state '{path}' could not be read ({error}); start without it.") from None
+    if metadata.get("format") != "lsrm-optimizer":
+        raise CheckpointError(f"'{path}' is not an optimizer state written by training.")
+    saved = json.loads(metadata["names"])
+    if saved != names:
+        raise CheckpointError(f"optimizer state '{path}' is for other parameters than this model's trainable ones.")
+    device = optimizer.param_groups[0]["params"][0].device
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit("/", 1)
+        # Adam's step counter stays on the CPU unless the optimizer was made capturable.
+        state.setdefault(names.index(name), {})[field] = value if field == "step" else value.to(device)
+    for key, value in json.loads(metadata["scalars"]).items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(names.index(name), {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["groups"])})

@@ -1,7 +1,8 @@
 """What the transformer is trained on: its field, rendered through target views, against those views.
 
-One function, used by the overfit test here and by training: render a random subset of rays of the
-target views with the one renderer (`render.render_rays`) and compare with linear colours and masks.
+One function, used by the overfit test and by training: render a random subset of rays of the target
+views with the one renderer (`render.render_rays`) and compare with linear colours and masks, plus the
+ground-truth buffers that exist (materials, depth, normals) and a known SDF.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class LossConfig:
     mask: float = 0.5  # MSE between rendered opacity and the mask
     eikonal: float = 0.05  # |grad sdf| = 1 at the samples
     material: float = 0.0  # MSE on albedo / roughness / metallic where ground truth exists
+    depth: float = 0.0  # L1 on the ray distance to the surface (canonical units) inside the mask
+    normal: float = 0.0  # 1 - cos between finite-difference SDF normals and the true ones (LIRM's numerical normal)
+    normal_step: float = 0.01  # finite-difference step of the numerical normals (canonical units)
     sdf: float = 0.0  # L1 to a known signed distance (synthetic objects), at random points in the box
     sdf_points: int = 2048
     render: RenderOptions = field(
@@ -39,13 +43,14 @@ def view_loss(
     environment: Environment | None,
     config: LossConfig,
     generator: torch.Generator | None = None,
-    materials: dict[str, torch.Tensor] | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
     truth: SurfaceField | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss terms (unweighted, plus "total") for one object: cameras canonical, images [V, H, W, 3] linear
-    premultiplied-free colours, masks [V, H, W]; `materials` optional ground-truth maps "albedo" [V, H, W, 3],
-    "roughness" and "metallic" [V, H, W]; `truth` an optional ground-truth field (canonical frame) for the
-    SDF term, whose points are half uniform in the box and half within 0.1 of its surface."""
+    premultiplied-free colours, masks [V, H, W]; `buffers` optional ground-truth maps "albedo" [V, H, W, 3],
+    "roughness" and "metallic" [V, H, W] (straight values), "depth" [V, H, W] (ray distance, canonical) and
+    "normal" [V, H, W, 3]; `truth` an optional ground-truth field (canonical frame) for the SDF term, whose
+    points are half uniform in the box and half within 0.1 of its surface."""
     origins, directions = image_rays(cameras)
     total = origins[..., 0].numel()
     pick = torch.randint(0, total, (config.rays,), generator=generator, device="cpu").to(images.device)
@@ -59,12 +64,23 @@ def view_loss(
         "eikonal": out.eikonal.mean(),
     }
     weights = {"colour": config.colour, "mask": config.mask, "eikonal": config.eikonal}
-    if materials and config.material > 0:
+    buffers = buffers or {}
+    if config.material > 0:
         for name in ("albedo", "roughness", "metallic"):
-            if name in materials:
-                truth = materials[name].reshape(total, -1)[pick] * alpha
-                terms[name] = F.mse_loss(getattr(out, name), truth)
+            if name in buffers:
+                terms[name] = F.mse_loss(getattr(out, name), buffers[name].reshape(total, -1)[pick] * alpha)
                 weights[name] = config.material
+    solid = (alpha > 0.5).to(alpha)  # geometry terms only where the true surface covers the pixel
+    if "depth" in buffers and config.depth > 0:
+        error = (out.depth - buffers["depth"].reshape(total, 1)[pick]).abs()
+        terms["depth"] = (error * solid).sum() / solid.sum().clamp_min(1.0)
+        weights["depth"] = config.depth
+    if "normal" in buffers and config.normal > 0:
+        hits = (rays[0] + rays[1] * out.depth).detach()  # where the predicted surface is seen
+        normal = _numerical_normal(surface, hits, config.normal_step)
+        cosine = (normal * buffers["normal"].reshape(total, 3)[pick]).sum(-1, keepdim=True)
+        terms["normal"] = ((1.0 - cosine) * solid).sum() / solid.sum().clamp_min(1.0)
+        weights["normal"] = config.normal
     if truth is not None and config.sdf > 0:
         uniform = torch.rand(config.sdf_points, 3, generator=generator).to(images.device) * 2 - 1
         with torch.no_grad():
@@ -76,6 +92,14 @@ def view_loss(
         weights["sdf"] = config.sdf
     terms["total"] = sum(weights[name] * value for name, value in terms.items())
     return terms
+
+
+def _numerical_normal(surface: SurfaceField, points: torch.Tensor, step: float) -> torch.Tensor:
+    """Unit SDF normals [N, 3] by central differences: gradients reach the SDF on both sides of the surface."""
+    offsets = torch.eye(3, device=points.device, dtype=points.dtype) * step
+    probes = torch.cat([points[:, None] + offsets, points[:, None] - offsets], dim=1)  # [N, 6, 3]
+    sdf = surface.sdf(probes.reshape(-1, 3)).reshape(-1, 2, 3)
+    return F.normalize(sdf[:, 0] - sdf[:, 1], dim=-1)
 
 
 def _unit_gradient(field: SurfaceField, points: torch.Tensor) -> torch.Tensor:

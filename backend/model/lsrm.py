@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cameras import Cameras, image_rays, plucker
 from ..colour import linear_to_srgb
@@ -109,6 +110,13 @@ class LSRM(nn.Module):
         self.log_beta = nn.Parameter(torch.tensor(math.log(field.beta_init - field.beta_min)))
         self.dense.apply(_init_weights)
         self.start_sparse_from_dense()
+        self.gradient_checkpointing = False  # training: recompute each block's activations in the backward pass
+
+    def _run(self, block: nn.Module, *inputs):
+        """One transformer block, under activation checkpointing when it is on and gradients are wanted."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     @torch.no_grad()
     def start_sparse_from_dense(self) -> None:
@@ -149,7 +157,7 @@ class LSRM(nn.Module):
         i = image.flatten(1, 3)
         v = self.dense.volume_tokens.grid().expand(batch, -1, -1)
         for index, block in enumerate(self.dense.blocks):
-            v, i = block(v, i)
+            v, i = self._run(block, v, i)
             progress("stage 1", (index + 1) / len(self.dense.blocks))
         dense = unpatchify(
             self.dense.unpatchify(self.dense.norm(v)), config.volume_tokens, config.upsample, config.channels
@@ -197,7 +205,7 @@ class LSRM(nn.Module):
         v2 = v_up[volume_object, :, x, y, z] + self.sparse.volume_tokens.at(layout.volume_voxels, r2)
 
         for index, block in enumerate(self.sparse.blocks):
-            v2, i2 = block(v2, i2, layout)
+            v2, i2 = self._run(block, v2, i2, layout)
             progress("stage 2", (index + 1) / len(self.sparse.blocks))
 
         residual = self.sparse.unpatchify(self.sparse.norm(v2))  # [Mv, u^3 * C]

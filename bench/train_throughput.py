@@ -1,0 +1,116 @@
+"""Benchmark: training throughput (samples/s, tokens/s) of `python -m backend train`, on one GPU or under torchrun.
+
+    python bench/train_throughput.py [--model small] [--batch 4] [--out out/bench/train_1gpu.json]
+    torchrun --nproc_per_node 4 bench/train_throughput.py --out out/bench/train_4gpu.json
+    python bench/train_throughput.py --summarise out/bench/train_*gpu.json   # scaling table
+
+Runs the real training loop (synthetic data, the scene pool's re-rendering included) into a
+temporary folder: `--warm` steps are not counted, the next `--steps` are. Samples and tokens are
+summed over all ranks. The summary gives each run's scaling efficiency against the one-GPU run:
+(samples/s on N GPUs) / (N x samples/s on one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs as a plain script (and under torchrun) from a checkout
+
+from backend.device import device_report  # noqa: E402
+from backend.train import LOG, TrainConfig, train  # noqa: E402
+
+COLUMNS = ("ranks", "batch", "inputs", "resolution", "samples_per_s", "tokens_per_s", "data_fraction", "efficiency")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        config = TrainConfig(
+            out=Path(folder) / "run",
+            model=args.model,
+            steps=args.warm + args.steps,
+            batch=args.batch,
+            inputs=(args.inputs, args.inputs),
+            resolution=args.resolution,
+            pool=args.pool,
+            log_every=args.warm,
+            eval_every=10**9,
+            checkpoint_every=10**9,
+            gradient_checkpointing=args.gradient_checkpointing,
+            device=args.device,
+        )
+        import torch
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
+        train(config, progress=lambda stage, fraction: None)
+        log = Path(folder) / "run" / LOG
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    measured = [r for r in records if "samples_per_s" in r and r["step"] > args.warm]
+    if not measured:
+        return {}
+    mean = {key: sum(r[key] for r in measured) / len(measured) for key in ("samples_per_s", "tokens_per_s")}
+    return {
+        "model": args.model,
+        "ranks": measured[-1]["ranks"],
+        "batch": args.batch,
+        "inputs": args.inputs,
+        "resolution": args.resolution or "model",
+        "dtype": "bfloat16 autocast" if device is not None else "float32",
+        "samples_per_s": round(mean["samples_per_s"], 3),
+        "tokens_per_s": round(mean["tokens_per_s"], 1),
+        "data_fraction": measured[-1]["data_fraction"],
+        "peak_memory_gib": measured[-1].get("peak_memory_gib"),
+        "steps_measured": args.steps,
+        "device": device_report(device or torch.device("cpu")),
+    }
+
+
+def summarise(paths: list[Path]) -> list[dict]:
+    rows = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["ranks"])
+    single = next((r["samples_per_s"] for r in rows if r["ranks"] == 1), None)
+    for row in rows:
+        row["efficiency"] = round(row["samples_per_s"] / (row["ranks"] * single), 3) if single else None
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(" ".join(f"{c:>14}" for c in COLUMNS))
+    for row in rows:
+        print(" ".join(f"{row.get(c)!s:>14}" for c in COLUMNS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--batch", type=int, default=4, help="objects per GPU and step")
+    parser.add_argument("--inputs", type=int, default=12, help="input views per object")
+    parser.add_argument("--resolution", type=int, default=0, help="view size (0: the model's image size)")
+    parser.add_argument("--pool", type=int, default=8)
+    parser.add_argument("--warm", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("out/bench/train_throughput.json"))
+    parser.add_argument("--summarise", type=Path, nargs="+", default=None, help="JSON files of runs to compare")
+    args = parser.parse_args()
+    if args.summarise:
+        rows = summarise(args.summarise)
+        print_table(rows)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"runs": rows}, indent=2))
+        return
+    result = measure(args)
+    if int(os.environ.get("RANK", "0")) == 0 and result:
+        print_table([result])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

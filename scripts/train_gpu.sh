@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU launcher for issue 5's training, run as-is from the repository root on a CUDA machine:
+#
+#   scripts/train_gpu.sh scaling            # ~3 min: training throughput on 1, 2, 4 (... all) GPUs
+#   scripts/train_gpu.sh train [SECONDS]    # stage 1 of `small` on all GPUs, stopping (saved) within SECONDS
+#   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1/model.safetensors
+#
+# Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
+# optimizer state, log.jsonl, eval/*.png). Rerunning `train` with the same $OUT resumes the run.
+# Wheels in .whl/ (safetensors, pillow, openexr, ...) are installed first when present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+MODE=${1:-train}
+SECONDS_LIMIT=${2:-540}
+if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil" 2>/dev/null; then
+    python -m pip install --quiet --no-index --no-deps .whl/*.whl
+fi
+export PYTHONPATH=$PWD
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -lt 1 ]; then echo "no CUDA GPU visible" >&2; exit 1; fi
+launch() {  # launch NPROC ARGS...: one process per GPU through torchrun
+    local n=$1; shift
+    torchrun --standalone --nproc_per_node "$n" "$@"
+}
+# Recipe for ~8 minutes: `small`, 8-12 input views at 256 px, 4 targets, 1024 rays per target set.
+RECIPE=(--model small --batch 4 --inputs 8 12 --targets 4 --rays 1024 --pool 24 --refresh-every 2
+        --lr 4e-4 --warmup 100 --normal-steps 150 --checkpoint-every 250 --eval-every 250 --log-every 10)
+
+case "$MODE" in
+scaling)
+    runs=()
+    for n in 1 2 4 8; do
+        if [ "$n" -le "$GPUS" ]; then
+            launch "$n" bench/train_throughput.py --model small --batch 4 --inputs 12 --warm 8 --steps 16 \
+                --out "$OUT/bench/train_${n}gpu.json"
+            runs+=("$OUT/bench/train_${n}gpu.json")
+        fi
+    done
+    python bench/train_throughput.py --summarise "${runs[@]}" --out "$OUT/bench/train_scaling.json"
+    ;;
+train)
+    launch "$GPUS" -m backend train --out "$OUT/stage1" --stage 1 --steps 0 --time-limit "$SECONDS_LIMIT" "${RECIPE[@]}"
+    ;;
+stage2)
+    launch "$GPUS" -m backend train --out "$OUT/stage2" --stage 2 --init "$OUT/stage1/model.safetensors" \
+        --steps 0 --time-limit "$SECONDS_LIMIT" --guide model "${RECIPE[@]}" --warmup 20 --lr 2e-4
+    ;;
+*)
+    echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] | stage2 [SECONDS]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,132 @@
+"""Training: the loss falls on a fixed batch, resuming continues bit for bit, DDP runs, data sources and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backend.cli import main
+from backend.data.sources import folder_viewsets, synthetic_viewset
+from backend.data.synthetic import write_synthetic_bundle
+from backend.data.views import EnvironmentBank, ScenePool, sample_batch
+from backend.model.config import CONFIGS
+from backend.model.losses import LossConfig
+from backend.model.lsrm import LSRM
+from backend.render import RenderOptions
+from backend.train import batch_loss, trainable
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny run: 2 objects of 3-4 inputs and 2 targets at 32 px, 128 rays each.
+TINY_RUN = "--model tiny --batch 2 --pool 3 --inputs 3 4 --targets 2 --resolution 32 --rays 128 --device cpu"
+TINY_RUN += " --environments studio"  # one world: its split-sum tables take seconds to build on a CPU
+OPTIONS = RenderOptions(samples=32, importance_samples=32, chunk_rays=8192, surface_normals=True)
+
+
+def run_train(out: Path, *extra: str) -> int:
+    return main(["train", "--out", str(out), *TINY_RUN.split(), "--eval-every", "1000", *extra])
+
+
+def test_a_few_steps_decrease_the_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    bank = EnvironmentBank(("studio",))
+    viewsets = [synthetic_viewset(seed, 6, 32, bank, torch.device("cpu"), OPTIONS) for seed in (11, 12)]
+    batch = sample_batch(viewsets, 4, 2, background=True, generator=torch.Generator().manual_seed(0))
+    model = LSRM(CONFIGS["tiny"])
+    parameters = [p for _, p in trainable(model, 1)]
+    optimiser = torch.optim.AdamW(parameters, lr=2e-3)
+    losses = LossConfig(rays=256, depth=0.5, material=0.5, sdf=1.0)
+    history = []
+    for _ in range(8):
+        generator = torch.Generator().manual_seed(1)  # the same rays every step: a fixed batch
+        loss, terms, counts = batch_loss(model, model, batch, 1, losses, "model", generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        history.append(terms["total"])
+    assert counts["stage-1 image tokens"] > 0
+    assert history[-1] < 0.8 * history[0], history
+
+
+def test_resume_continues_bit_for_bit(tmp_path) -> None:
+    # Warm-up is longer than the run, so a 2-step run's schedule is the first half of a 4-step one.
+    assert run_train(tmp_path / "straight", "--steps", "4") == 0
+    assert run_train(tmp_path / "resumed", "--steps", "2") == 0
+    assert json.loads((tmp_path / "resumed" / "state.json").read_text())["step"] == 2
+    assert run_train(tmp_path / "resumed", "--steps", "4") == 0
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "samples_per_s" in r] == [2, 4]  # each run logs its last step
+    evals = sorted((tmp_path / "resumed" / "eval").glob("*.png"))
+    assert [p.name for p in evals] == ["step_000002.png", "step_000004.png"]  # one at each run's end
+
+
+def test_scene_pool_rebuilds_the_same_slots_at_any_step() -> None:
+    made = []
+    pool = ScenePool(lambda seed: made.append(seed) or seed, size=3, every=2, base=100)
+    assert pool.at_step(0) == [100, 101, 102]
+    assert pool.at_step(5) == [103, 104, 102]  # steps 0-4 re-made two slots (at steps 2 and 4)
+    fresh = ScenePool(lambda seed: seed, size=3, every=2, base=100)
+    assert fresh.at_step(5) == pool.slots
+    assert made == [100, 101, 102, 103, 104]
+
+
+def test_folder_dataset_loads_bundles_with_their_ground_truth(tmp_path) -> None:
+    for seed in (3, 4):
+        write_synthetic_bundle(seed, 6, 24, None, tmp_path / "data" / f"object_{seed}")
+    viewsets = folder_viewsets(tmp_path / "data", 16, torch.device("cpu"))
+    assert len(viewsets) == 2 and viewsets[0].images.shape == (6, 16, 16, 3)
+    assert {"albedo", "roughness", "metallic", "normal"} <= viewsets[0].buffers.keys()
+    batch = sample_batch(viewsets, 4, 2, background=True, generator=torch.Generator().manual_seed(0))
+    assert batch.views.images.shape == (2, 4, 16, 16, 3) and batch.views.background.shape == (2, 4, 16, 16, 3)
+    assert batch.targets[1].buffers["albedo"].shape == (2, 16, 16, 3)
+    assert (viewsets[0].masks > 0.5).any()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--stage", "3"], "not a training stage"),
+        (["--stage", "2"], "--init"),
+        (["--steps", "0"], "--time-limit"),
+        (["--inputs", "5", "2"], "min <= max"),
+        (["--batch", "9"], "at most --pool"),
+        (["--data", "folder"], "--data-dir"),
+        (["--environments", "moon"], "unknown environments"),
+        (["--init", "missing.safetensors", "--stage", "2"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_sentence(tmp_path, capsys, arguments: list[str], message: str) -> None:
+    assert run_train(tmp_path / "run", *arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+def test_a_foreign_out_folder_is_refused(tmp_path, capsys) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert run_train(tmp_path / "run") == 2
+    assert "holds no training run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes(tmp_path) -> None:
+    """torchrun, two CPU ranks, gloo: both ranks train, gradients are averaged (one log, two ranks)."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "backend", "train", "--out", str(tmp_path / "run"), *TINY_RUN.split(), "--batch", "1"]
+    command += ["--pool", "2", "--steps", "2", "--log-every", "1", "--eval-every", "1000"]
+    subprocess.run(command, cwd=REPO, env=environment, check=True, capture_output=True, timeout=300)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "samples_per_s" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["ranks"] == 2 for r in steps)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
