@@ -3,7 +3,7 @@
 #
 #   scripts/train_gpu.sh scaling            # ~3 min: training throughput on 1, 2, 4 (... all) GPUs
 #   scripts/train_gpu.sh train [SECONDS]    # stage 1 of `small` on all GPUs, stopping (saved) within SECONDS
-#   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1/model.safetensors
+#   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1 (tokens picked by known geometry)
 #
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
 # optimizer state, log.jsonl, eval/*.png). Rerunning `train` with the same $OUT resumes the run.
@@ -51,7 +51,7 @@ train)
     ;;
 stage2)
     launch "$GPUS" -m backend train --out "$OUT/stage2" --stage 2 --init "$OUT/stage1/model.safetensors" \
-        --steps 0 --time-limit "$SECONDS_LIMIT" --guide model "${RECIPE[@]}" --warmup 20 --lr 2e-4
+        --steps 0 --time-limit "$SECONDS_LIMIT" --guide truth "${RECIPE[@]}" --warmup 20 --lr 2e-4
     ;;
 *)
     echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] | stage2 [SECONDS]" >&2
