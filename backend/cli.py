@@ -268,6 +268,7 @@ def _add_train(command) -> None:
     train.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip")
     train.add_argument("--data", choices=SOURCES, default=d.data, help=f"training views (default {d.data})")
     train.add_argument("--data-dir", type=Path, default=None, help="bundle folder for --data folder")
+    train.add_argument("--furniture-dir", type=Path, default=None, help="sweethome3d-furniture archives folder")
     train.add_argument("--environments", nargs="+", default=list(d.environments), help="studio worlds to light with")
     train.add_argument("--pool", type=int, default=d.pool, help=f"rendered objects kept per device ({d.pool})")
     train.add_argument("--refresh-every", type=int, default=d.refresh_every, help="steps per re-rendered object")

@@ -77,6 +77,7 @@ class TrainConfig:
     clip: float = 1.0
     data: str = "synthetic"
     data_dir: Path | None = None  # the folder source's bundles
+    furniture_dir: Path | None = None  # folder of sweethome3d-furniture archives (default: the Debian package's)
     environments: tuple[str, ...] = BUILTIN_ENVIRONMENTS  # studio worlds that light rendered training views
     pool: int = 16  # rendered objects kept per device
     refresh_every: int = 2  # re-render one pool object every this many steps
@@ -87,7 +88,7 @@ class TrainConfig:
     normal_steps: int = 500  # the numerical normal loss joins for the last this many steps
     guide: str = "model"  # stage 2's token selection: "model" (stage-1 prediction) or "truth" (known geometry)
     checkpoint_every: int = 500
-    eval_every: int = 250
+    eval_every: int = 250  # 0: no evaluation renders
     log_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -357,12 +358,13 @@ def _train(config: TrainConfig, process: Process, out: Path, progress: Progress,
     resolution = config.resolution or model.config.image_size
     views = config.inputs[1] + config.targets + 4  # a few spare views, so inputs and targets vary
     bank = EnvironmentBank(config.environments, device)
-    make = make_source(config.data, views, resolution, device, bank, config.data_dir)
+    make = make_source(config.data, views, resolution, device, bank, config.data_dir, config.furniture_dir)
     pool = ScenePool(make, config.pool, config.refresh_every, FIRST_TRAINING_SEED + process.rank * 10_000_000)
     evaluation = None
     if process.main:
-        evaluation = Evaluation(make_source("synthetic", views, resolution, device, bank), model.config.background)
         out.mkdir(parents=True, exist_ok=True)
+    if process.main and config.eval_every > 0:
+        evaluation = Evaluation(make_source("synthetic", views, resolution, device, bank), model.config.background)
         (out / "eval").mkdir(exist_ok=True)
     progress("scene pool", 0.0)
     pool.at_step(step)

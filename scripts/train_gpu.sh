@@ -3,7 +3,7 @@
 #
 #   scripts/train_gpu.sh scaling            # ~3 min: training throughput on 1, 2, 4 (... all) GPUs
 #   scripts/train_gpu.sh train [SECONDS]    # stage 1 of `small` on all GPUs, stopping (saved) within SECONDS
-#   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1/model.safetensors
+#   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1 (tokens picked by known geometry)
 #
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
 # optimizer state, log.jsonl, eval/*.png). Rerunning `train` with the same $OUT resumes the run.
@@ -24,8 +24,15 @@ launch() {  # launch NPROC ARGS...: one process per GPU through torchrun
     torchrun --standalone --nproc_per_node "$n" "$@"
 }
 # Recipe for ~8 minutes: `small`, 8-12 input views at 256 px, 4 targets, 1024 rays per target set.
-RECIPE=(--model small --batch 4 --inputs 8 12 --targets 4 --rays 1024 --pool 24 --refresh-every 2
+RECIPE=(--model small --batch 4 --inputs 8 12 --targets 4 --rays 1024 --pool 16 --refresh-every 3
         --lr 4e-4 --warmup 100 --normal-steps 150 --checkpoint-every 250 --eval-every 250 --log-every 10)
+# Furniture joins (half the objects) when its archives were carried to out/furniture (cp from
+# /usr/share/sweethome3d/furniture/BlendSwap-CC-0.sh3f, 25 MB) or the Debian package is installed.
+if ls out/furniture/*.sh3f >/dev/null 2>&1; then
+    RECIPE+=(--data mixed --furniture-dir out/furniture)
+elif [ -d /usr/share/sweethome3d/furniture ]; then
+    RECIPE+=(--data mixed)
+fi
 
 case "$MODE" in
 scaling)
@@ -44,7 +51,7 @@ train)
     ;;
 stage2)
     launch "$GPUS" -m backend train --out "$OUT/stage2" --stage 2 --init "$OUT/stage1/model.safetensors" \
-        --steps 0 --time-limit "$SECONDS_LIMIT" --guide model "${RECIPE[@]}" --warmup 20 --lr 2e-4
+        --steps 0 --time-limit "$SECONDS_LIMIT" --guide truth "${RECIPE[@]}" --warmup 20 --lr 2e-4
     ;;
 *)
     echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] | stage2 [SECONDS]" >&2
