@@ -343,13 +343,12 @@ def _save_png(image, path: Path) -> None:
     if source is not None and source.suffix.lower() == ".png" and source.is_file() and image.packed_file is None:
         shutil.copyfile(source, path)
         return
-    copy = image.copy()  # a copy, so the user's image keeps its own file and format
+    saved_format = image.file_format
     try:
-        copy.filepath_raw = str(path)
-        copy.file_format = "PNG"
-        copy.save()
+        image.file_format = "PNG"
+        image.save(filepath=str(path), save_copy=True)  # a copy: the image keeps its own file
     finally:
-        bpy.data.images.remove(copy)
+        image.file_format = saved_format
 
 
 def _view_problem(path: Path, camera_name: str) -> str | None:

@@ -145,7 +145,8 @@ def run_job(
 ) -> Path | None:
     """One reconstruction from the client's side; returns the downloaded GLB, or None when cancelled.
 
-    `should_stop` is asked between polls; when it says so the job is cancelled on the service.
+    `should_stop` is asked between polls; when it says so the job is cancelled on the service, and
+    this returns once the service has stopped it.
     """
     progress("upload", 0.0, "sending the views")
     archive = zip_bundle(bundle, result.parent / f"{safe_name(name)}.zip")
@@ -153,16 +154,17 @@ def run_job(
         job_id = submit(connection, archive, fields)
     finally:
         archive.unlink(missing_ok=True)
+    cancelling = False
     while True:
-        if should_stop():
-            cancel(connection, job_id)
-            return None
+        if should_stop() and not cancelling:
+            cancel(connection, job_id)  # the job stops at its engine's next step; wait for that
+            cancelling = True
         status = job_status(connection, job_id)
         if status["state"] in FINISHED:
             break
         progress(status["stage"], status["progress"], status["message"])
         time.sleep(POLL_SECONDS)
-    if status["state"] == "cancelled":
+    if cancelling or status["state"] == "cancelled":
         return None
     if status["state"] == "failed":
         raise BackendError(f"the reconstruction failed: {status['message'].rstrip('.')}.")

@@ -86,7 +86,7 @@ def find_python(root: Path) -> tuple[Path, dict]:
 class LocalBackend:
     """One `serve` child process; `start` returns the connection once it listens."""
 
-    python: Path | None  # None: find one when starting
+    python: Path | None  # None: find one before starting
     root: Path
     work_dir: Path
     device: str = "auto"

@@ -21,26 +21,19 @@ from .results import import_result
 from .session import (
     CANCELLED,
     DONE,
-    ERROR,
     FAILED,
     READY,
     RUNNING,
     SESSION,
     STARTING,
-    STOPPED,
 )
 from .tasks import Task
 
 
 class _BackgroundWork:
-    """Mix-in: subclasses give `make_task(context)` (may raise BackendError) and `refused(message)`."""
-
-    def make_task(self, context) -> Task:
-        raise NotImplementedError
-
-    @staticmethod
-    def refused(message: str) -> None:
-        """Show a failure that happened before the work began in the panel."""
+    """Mix-in: subclasses set `make_task` (context -> Task; raises BackendError when the work cannot begin)
+    and `refused` (message -> None: shows such a failure in the panel), both as static methods.
+    (No annotations here: Blender reads a class's annotations as its properties.)"""
 
     def execute(self, context):
         try:
@@ -100,32 +93,78 @@ class LSRM_OT_report(bpy.types.Operator):
 # Backend
 
 
+def check_python_task(context) -> Task:
+    root = local_backend.backend_root()
+    chosen = configured_python(context)
+    SESSION.python_report = "checking..."
+
+    def work(task: Task) -> tuple[Path, dict]:
+        if chosen is None:
+            return local_backend.find_python(root)
+        return chosen, local_backend.check_python(chosen, root)
+
+    def done(found: tuple[Path, dict]) -> str:
+        SESSION.python_report = describe_python(*found)
+        return SESSION.python_report
+
+    return Task(work, done, python_failed)
+
+
+def python_failed(message: str) -> None:
+    SESSION.python_report = message
+
+
+def start_task(context) -> Task:
+    prefs = preferences(context)
+    root = local_backend.backend_root()
+    local = local_backend.LocalBackend(
+        configured_python(context), root, output_folder(context) / "service", prefs.device
+    )
+    SESSION.backend, SESSION.backend_message, SESSION.local = STARTING, "starting the backend...", local
+
+    def work(task: Task) -> tuple[Connection, dict]:
+        if local.python is None:
+            local.python, _ = local_backend.find_python(root)
+        connection = local.start()
+        return connection, client.health(connection)
+
+    def done(started: tuple[Connection, dict]) -> str:
+        SESSION.backend_ready(*started)
+        return f"backend ready: {SESSION.backend_message}"
+
+    def failed(message: str) -> None:
+        if SESSION.local is local:  # not stopped by the user meanwhile
+            local.stop()
+            SESSION.backend_failed(message)
+
+    return Task(work, done, failed)
+
+
+def connect_task(context) -> Task:
+    prefs = preferences(context)
+    connection = Connection(client.normalised_url(prefs.url), prefs.token.strip())
+    check_online(connection.url)
+    SESSION.backend, SESSION.backend_message, SESSION.local = STARTING, f"connecting to {connection.url}...", None
+
+    def work(task: Task) -> dict:
+        report = client.health(connection)
+        client.check_token(connection)
+        return report
+
+    def done(report: dict) -> str:
+        SESSION.backend_ready(connection, report)
+        return f"connected to {connection.url}: {SESSION.backend_message}"
+
+    return Task(work, done, SESSION.backend_failed)
+
+
 class LSRM_OT_check_python(_BackgroundWork, bpy.types.Operator):
     """Check that the backend's Python runs the backend, and show the device and GPU it sees"""
 
     bl_idname = "lsrm.check_python"
     bl_label = "Check Python"
-
-    def make_task(self, context) -> Task:
-        root = local_backend.backend_root()
-        chosen = configured_python(context)
-        SESSION.python_report = "checking..."
-
-        def work(task: Task) -> tuple[Path, dict]:
-            if chosen is None:
-                return local_backend.find_python(root)
-            return chosen, local_backend.check_python(chosen, root)
-
-        def done(found: tuple[Path, dict]) -> str:
-            python, report = found
-            SESSION.python_report = describe_python(python, report)
-            return SESSION.python_report
-
-        return Task(work, done, self.refused)
-
-    @staticmethod
-    def refused(message: str) -> None:
-        SESSION.python_report = message
+    make_task = staticmethod(check_python_task)
+    refused = staticmethod(python_failed)
 
 
 class LSRM_OT_start_backend(_BackgroundWork, bpy.types.Operator):
@@ -133,38 +172,12 @@ class LSRM_OT_start_backend(_BackgroundWork, bpy.types.Operator):
 
     bl_idname = "lsrm.start_backend"
     bl_label = "Start"
+    make_task = staticmethod(start_task)
+    refused = staticmethod(SESSION.backend_failed)
 
     @classmethod
     def poll(cls, context):
-        return SESSION.backend in (STOPPED, ERROR)
-
-    def make_task(self, context) -> Task:
-        prefs = preferences(context)
-        root = local_backend.backend_root()
-        local = local_backend.LocalBackend(configured_python(context), root, output_folder(context) / "service")
-        local.device = prefs.device
-        SESSION.backend, SESSION.backend_message, SESSION.local = STARTING, "starting the backend...", local
-
-        def work(task: Task) -> tuple[Connection, dict]:
-            if local.python is None:
-                local.python, _ = local_backend.find_python(root)
-            connection = local.start()
-            return connection, client.health(connection)
-
-        def done(started: tuple[Connection, dict]) -> str:
-            SESSION.backend_ready(*started)
-            return f"backend ready: {SESSION.backend_message}"
-
-        def failed(message: str) -> None:
-            if SESSION.local is local:  # not stopped by the user meanwhile
-                local.stop()
-                SESSION.backend_failed(message)
-
-        return Task(work, done, failed)
-
-    @staticmethod
-    def refused(message: str) -> None:
-        SESSION.backend_failed(message)
+        return SESSION.local is None
 
 
 class LSRM_OT_stop_backend(bpy.types.Operator):
@@ -191,27 +204,8 @@ class LSRM_OT_connect(_BackgroundWork, bpy.types.Operator):
 
     bl_idname = "lsrm.connect"
     bl_label = "Connect"
-
-    def make_task(self, context) -> Task:
-        prefs = preferences(context)
-        connection = Connection(client.normalised_url(prefs.url), prefs.token.strip())
-        check_online(connection.url)
-        SESSION.backend, SESSION.backend_message, SESSION.local = STARTING, f"connecting to {connection.url}...", None
-
-        def work(task: Task) -> dict:
-            report = client.health(connection)
-            client.check_token(connection)
-            return report
-
-        def done(report: dict) -> str:
-            SESSION.backend_ready(connection, report)
-            return f"connected to {connection.url}: {SESSION.backend_message}"
-
-        return Task(work, done, SESSION.backend_failed)
-
-    @staticmethod
-    def refused(message: str) -> None:
-        SESSION.backend_failed(message)
+    make_task = staticmethod(connect_task)
+    refused = staticmethod(SESSION.backend_failed)
 
 
 def configured_python(context) -> Path | None:
@@ -306,56 +300,56 @@ def views_failed(operator, message: str):
 # Reconstruct
 
 
+def reconstruct_task(context) -> Task:
+    if SESSION.backend != READY:
+        raise BackendError("the backend is not ready; start it or connect to one in the LSRM panel first.")
+    views = SESSION.views
+    if views is None or views.count < 2:
+        raise BackendError("there are no views yet; capture the selected object or use a camera collection first.")
+    connection = SESSION.connection
+    check_online(connection.url)
+    fields = context.scene.lsrm.job_fields(preferences(context).default_preset)
+    name = f"{views.source}_lsrm"
+    result = views.folder.parent / f"{client.safe_name(name)}.glb"
+    SESSION.job, SESSION.stage, SESSION.progress, SESSION.job_message = RUNNING, "upload", 0.0, ""
+    SESSION.result = None
+
+    def work(task: Task) -> Path | None:
+        return client.run_job(connection, views.folder, name, fields, result, task.progress, task.stop.is_set)
+
+    def progress(stage: str, fraction: float, message: str) -> None:
+        SESSION.stage, SESSION.progress, SESSION.job_message = stage, fraction, message
+
+    def done(glb: Path | None) -> str:
+        SESSION.task = None
+        if glb is None:
+            SESSION.job, SESSION.job_message = CANCELLED, "cancelled"
+            return "reconstruction cancelled"
+        imported = import_result(glb, name)  # a BackendError here goes to job_failed
+        SESSION.job, SESSION.progress, SESSION.result = DONE, 1.0, glb
+        SESSION.job_message = f"imported '{imported[0].name}' into '{imported[0].users_collection[0].name}'"
+        return SESSION.job_message
+
+    SESSION.task = Task(work, done, job_failed, progress)
+    return SESSION.task
+
+
+def job_failed(message: str) -> None:
+    SESSION.task = None
+    SESSION.job, SESSION.job_message = FAILED, message
+
+
 class LSRM_OT_reconstruct(_BackgroundWork, bpy.types.Operator):
     """Send the views to the backend, and import the relightable result over its source"""
 
     bl_idname = "lsrm.reconstruct"
     bl_label = "Reconstruct"
+    make_task = staticmethod(reconstruct_task)
+    refused = staticmethod(job_failed)
 
     @classmethod
     def poll(cls, context):
         return SESSION.job != RUNNING
-
-    def make_task(self, context) -> Task:
-        if SESSION.backend != READY:
-            raise BackendError("the backend is not ready; start it or connect to one in the LSRM panel first.")
-        views = SESSION.views
-        if views is None or views.count < 2:
-            raise BackendError("there are no views yet; capture the selected object or use a camera collection first.")
-        connection = SESSION.connection
-        check_online(connection.url)
-        fields = context.scene.lsrm.job_fields(preferences(context).default_preset)
-        name = f"{views.source}_lsrm"
-        result = views.folder.parent / f"{client.safe_name(name)}.glb"
-        SESSION.job, SESSION.stage, SESSION.progress, SESSION.job_message = RUNNING, "upload", 0.0, ""
-        SESSION.result = None
-
-        def work(task: Task) -> Path | None:
-            return client.run_job(connection, views.folder, name, fields, result, task.progress, task.stop.is_set)
-
-        def progress(stage: str, fraction: float, message: str) -> None:
-            SESSION.stage, SESSION.progress, SESSION.job_message = stage, fraction, message
-
-        def done(glb: Path | None) -> str:
-            SESSION.task = None
-            if glb is None:
-                SESSION.job, SESSION.job_message = CANCELLED, "cancelled"
-                return "reconstruction cancelled"
-            imported = import_result(glb, name)  # a BackendError here goes to failed()
-            SESSION.job, SESSION.progress, SESSION.result = DONE, 1.0, glb
-            SESSION.job_message = f"imported '{imported[0].name}' into '{imported[0].users_collection[0].name}'"
-            return SESSION.job_message
-
-        def failed(message: str) -> None:
-            SESSION.task = None
-            SESSION.job, SESSION.job_message = FAILED, message
-
-        SESSION.task = Task(work, done, failed, progress)
-        return SESSION.task
-
-    @staticmethod
-    def refused(message: str) -> None:
-        SESSION.job, SESSION.job_message = FAILED, message
 
 
 class LSRM_OT_cancel(bpy.types.Operator):

@@ -38,7 +38,7 @@ class Session:
         self.backend_message = f"{gpu}, {model}"
 
     def backend_failed(self, message: str) -> None:
-        self.backend, self.backend_message, self.connection, self.health = ERROR, message, None, {}
+        self.backend, self.backend_message, self.connection, self.health, self.local = ERROR, message, None, {}, None
 
     def backend_stopped(self) -> None:
         self.backend, self.backend_message, self.connection, self.health, self.local = STOPPED, "", None, {}, None
