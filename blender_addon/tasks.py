@@ -90,7 +90,7 @@ def start(task: Task) -> Task:
     _TASKS.append(task)
     task._thread.start()
     if not bpy.app.timers.is_registered(pump):
-        bpy.app.timers.register(pump, first_interval=INTERVAL)
+        bpy.app.timers.register(pump, first_interval=INTERVAL, persistent=True)  # survives loading a file
     return task
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import threading
 import time
 import venv
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from tests.service_helpers import small_bundle, start_service
+from tests.test_blender_import import linked_from
 
 pytestmark = pytest.mark.blender
 
@@ -148,7 +148,6 @@ def test_the_extension_starts_its_backend_and_disables_without_leftovers(addon, 
     assert session.connection.url.startswith("http://127.0.0.1:") and child.is_running()
 
     # A task in flight, so that a timer is registered when the add-on goes.
-    release = threading.Event()
     task = addon.tasks.start(addon.tasks.Task(lambda task: task.stop.wait(30), print, print))
     pump, classes = addon.tasks.pump, addon.CLASSES
     assert bpy.app.timers.is_registered(pump) and all(cls.is_registered for cls in classes)
@@ -159,7 +158,6 @@ def test_the_extension_starts_its_backend_and_disables_without_leftovers(addon, 
     assert not hasattr(bpy.types.Scene, "lsrm") and not bpy.app.timers.is_registered(pump)
     assert not task._thread.is_alive() and session.local is None
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-    release.set()
 
     enabled = enable(bpy, extension)  # and it comes back
     assert hasattr(bpy.types, "LSRM_PT_backend") and enabled.session.SESSION.backend == "STOPPED"
@@ -253,7 +251,7 @@ def test_a_missing_or_broken_result_is_one_line_and_nothing_is_left_half_importe
     broken = tmp_path / "broken.glb"
     broken.write_bytes(b"glTF" + bytes(64))
     before = {kind: len(getattr(bpy.data, kind)) for kind in ("objects", "meshes", "materials", "images")}
-    with pytest.raises(client.BackendError, match="'broken.glb' cannot be imported .*; reconstruct again"):
+    with pytest.raises(client.BackendError, match=r"'broken\.glb' cannot be imported .*; reconstruct again"):
         addon.results.import_result(broken, "broken")
     assert before == {kind: len(getattr(bpy.data, kind)) for kind in before}
 
@@ -271,12 +269,6 @@ def test_input_errors(addon):
 
 # ---------------------------------------------------------------------------------------------
 # Reconstruct: the synchronous path, the worker-thread path, cancelling
-
-
-def linked_from(node, socket_name: str):
-    links = node.inputs[socket_name].links
-    assert links, f"nothing is linked into {node.name}.{socket_name}"
-    return links[0].from_node, links[0].from_socket.name
 
 
 def check_material(obj) -> None:
@@ -453,3 +445,50 @@ def test_a_camera_collection_with_photos_becomes_a_bundle_and_unusable_cameras_a
         assert frame == {"file_path": frame["file_path"], **addon.capture.camera_frame(camera, scene, size=(48, 48))}
     assert sorted(path.name for path in (views.folder / "images").iterdir()) == ["0000.png", "0001.png"]
     assert (views.folder / "images" / "0000.png").read_bytes() == (tmp_path / "disk.png").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the add-on's own backend, a capture, the cpu preset, import, relight
+
+
+@pytest.mark.slow
+def test_end_to_end_capture_reconstruct_import_and_relight(addon):
+    import bpy
+
+    from tests.blender_scene import add_camera_looking_at, set_world_environment, studio_world, use_cycles
+
+    session, scene = addon.session.SESSION, bpy.context.scene
+    set_world_environment(studio_world("forest"))
+    source = textured_box(bpy, "Crate", (0.4, -0.3, 0.6), (0.6, 0.45, 0.4))
+    scene.lsrm.view_count, scene.lsrm.resolution, scene.lsrm.samples = 10, 64, 16
+    scene.lsrm.preset = "cpu"
+    clock = time.perf_counter()
+    assert bpy.ops.lsrm.capture_selected() == {"FINISHED"} and session.views.count == 10
+    captured = time.perf_counter()
+    assert bpy.ops.lsrm.start_backend() == {"FINISHED"} and session.backend == "READY"
+    assert bpy.ops.lsrm.reconstruct() == {"FINISHED"}, session.job_message
+    print(f"capture {captured - clock:.1f} s, backend start and reconstruction {time.perf_counter() - captured:.1f} s")
+
+    result = bpy.data.objects["Crate_lsrm"]
+    assert session.job == "DONE" and result.users_collection[0].name == "LSRM Results"
+    check_material(result)
+    mine, theirs = world_box(result), world_box(source)
+    overlap = np.prod(np.clip(np.minimum(mine[1], theirs[1]) - np.maximum(mine[0], theirs[0]), 0.0, None))
+    union = np.prod(mine[1] - mine[0]) + np.prod(theirs[1] - theirs[0]) - overlap
+    assert overlap / union > 0.5, (mine, theirs)
+
+    # Relit: the result alone under another studio world, from a camera the capture did not use.
+    source.hide_render = True
+    set_world_environment(studio_world("city"))
+    use_cycles(160, 160, samples=32)
+    scene.camera = add_camera_looking_at("Relight", (2.2, -2.6, 1.9), target=tuple(source.location), lens=50.0)
+    artifact = Path(__file__).resolve().parents[1] / "out" / "addon" / "end_to_end_relit.png"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    scene.render.image_settings.file_format, scene.render.image_settings.color_mode = "PNG", "RGBA"
+    scene.render.filepath = str(artifact)
+    bpy.ops.render.render(write_still=True)
+    relit = bpy.data.images.load(str(artifact))
+    pixels = np.empty(160 * 160 * 4, np.float32)
+    relit.pixels.foreach_get(pixels)
+    alpha = pixels.reshape(160, 160, 4)[..., 3]
+    assert 0.02 < (alpha > 0.5).mean() < 0.9  # the object is there, and not everywhere
