@@ -1,6 +1,8 @@
-"""Export Blender cameras as bundle frames: the `transforms.json` the backend reads (DESIGN §3).
+"""The Blender scene as a bundle: the `transforms.json` and RGBA views the backend reads (DESIGN §3).
 
-Runs inside Blender, so stdlib and bpy only. Intrinsics follow Blender's own definition of the
+`capture_selected` renders the selection from a sphere of cameras; `collection_views` takes a
+collection of cameras that carry photos. Runs inside Blender, so stdlib and bpy only. Cameras
+become bundle frames through `camera_frame`. Intrinsics follow Blender's own definition of the
 view plane (BKE_camera_params_compute_viewplane; Cycles' camera sync agrees):
 - the sensor size is `sensor_height` for a VERTICAL fit and `sensor_width` otherwise (AUTO too);
 - AUTO fits the sensor to the wider side of the image, measured with the pixel aspect;

@@ -29,15 +29,14 @@ class LSRM_PT_backend(_Sidebar, bpy.types.Panel):
         column.label(text=state.capitalize(), icon=STATE_ICONS[state])
         if SESSION.backend_message:
             wrapped_label(column, SESSION.backend_message, context, alert=state == ERROR)
-        row = layout.row(align=True)
         if prefs.backend == "LOCAL":
             if SESSION.local is None:
-                row.operator("lsrm.start_backend", icon="PLAY")
+                layout.operator("lsrm.start_backend", icon="PLAY")
             else:
-                row.operator("lsrm.stop_backend", icon="SNAP_FACE")
+                layout.operator("lsrm.stop_backend", icon="SNAP_FACE")
         else:
             layout.label(text=prefs.url, icon="URL")
-            row.operator("lsrm.connect", icon="LINKED")
+            layout.operator("lsrm.connect", icon="LINKED")
 
 
 class LSRM_PT_input(_Sidebar, bpy.types.Panel):
