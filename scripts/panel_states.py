@@ -62,6 +62,11 @@ class Recorder:
     alert: bool = False
     use_property_split: bool = False
 
+    def widgets(self):
+        """Every widget recorded, depth first."""
+        for item in self.items:
+            yield from item.widgets() if isinstance(item, Recorder) else [item]
+
     def _child(self, kind: str) -> Recorder:
         child = Recorder(kind)
         self.items.append(child)
@@ -267,7 +272,7 @@ def session_states(out: Path, python: str) -> list[Path]:
 
     def snap(name: str, state: str) -> None:
         path = out / f"panel_{name}.png"
-        picture(record_panels(addon), state).save(path, optimize=True)
+        picture(record_panels(addon), state).quantize(colors=64).save(path, optimize=True)  # a few KiB each
         written.append(path)
         print(path, flush=True)
 

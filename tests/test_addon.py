@@ -111,6 +111,14 @@ def refused(operator, *phrases: str) -> str:
     return message
 
 
+def panel(addon) -> tuple[str, list]:
+    """What the sidebar shows now (its draw() run against a recording layout): all text, and the widgets."""
+    from scripts.panel_states import record_panels
+
+    widgets = [widget for _, layout in record_panels(addon) for widget in layout.widgets()]
+    return " ".join(widget.text for widget in widgets), widgets
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -173,7 +181,7 @@ def test_backend_start_errors(addon, extension, tmp_path):
     session, prefs = addon.session.SESSION, addon.preferences.preferences()
     prefs.python = str(tmp_path / "nowhere" / "python")
     message = refused(bpy.ops.lsrm.start_backend, "does not exist", "preferences")
-    assert session.backend == "ERROR" and session.backend_message == message
+    assert session.backend == "ERROR" and session.backend_message == message and message in panel(addon)[0]
 
     venv.create(tmp_path / "bare", with_pip=False)  # a real Python without PyTorch
     bare = next(path for path in (tmp_path / "bare").rglob("python*") if path.name in ("python", "python.exe"))
@@ -230,7 +238,7 @@ def test_reconstruct_errors(addon, service, tmp_path):
     (far / "transforms.json").write_text(json.dumps(meta))
     use_views(addon, far)
     message = refused(bpy.ops.lsrm.reconstruct, "the reconstruction failed", "cameras look at the region")
-    assert session.job == "FAILED" and session.job_message == message
+    assert session.job == "FAILED" and session.job_message == message and message in panel(addon)[0]
     assert not bpy.data.objects  # nothing imported
 
 
@@ -260,7 +268,7 @@ def test_input_errors(addon):
     import bpy
 
     message = refused(bpy.ops.lsrm.capture_selected, "Select the object to capture")
-    assert addon.session.SESSION.views_message == message
+    assert addon.session.SESSION.views_message == message and message in panel(addon)[0]
     empty = bpy.data.collections.new("Empty")
     bpy.context.scene.collection.children.link(empty)
     bpy.context.scene.lsrm.camera_collection = empty
@@ -303,6 +311,9 @@ def test_reconstruct_imports_the_result_in_both_paths(addon, service, tmp_path):
     assert session.job == "DONE" and session.job_message == "imported 'barrel_lsrm' into 'LSRM Results'"
     assert session.result.is_file() and session.task is None
     check_material(result)
+    text, widgets = panel(addon)
+    assert "imported 'barrel_lsrm' into 'LSRM Results'" in text
+    assert next(w for w in widgets if w.text == "Reconstruct").enabled
     meta = json.loads((session.views.folder / "transforms.json").read_text())
     aabb = np.array(meta["aabb"])  # the demo's region: the result sits over its source
     box = world_box(result)
@@ -327,6 +338,10 @@ def test_cancel_stops_the_job_on_the_service_and_imports_nothing(addon, service,
     while session.stage in ("upload", "starting", "load"):
         addon.tasks.pump()
         time.sleep(0.02)
+    _, widgets = panel(addon)  # Reconstruct has become Cancel, over a progress bar with the stage
+    buttons = [widget.text for widget in widgets if widget.kind == "button"]
+    assert "Cancel" in buttons and "Reconstruct" not in buttons
+    assert any(w.kind == "progress" and w.text.startswith(session.stage) for w in widgets)
     assert bpy.ops.lsrm.cancel() == {"FINISHED"}
     pump_until_done(addon, task, timeout=60)
     assert session.job == "CANCELLED" and task.outcome == ("INFO", "reconstruction cancelled")
