@@ -1,13 +1,35 @@
-"""LSRM for Blender: the add-on side (runs inside Blender; stdlib + bpy only, never torch).
+"""LSRM for Blender: the add-on side (runs inside Blender; stdlib + bpy only, never torch or backend/).
 
-Today the add-on holds the capture code that turns Blender cameras into bundle frames
-(`capture.py`); the sidebar, preferences and operators arrive with the add-on issue.
+Modules: `preferences` (how to reach a backend), `properties` (per-scene options), `panels` (the
+sidebar tab), `operators`, `client` (the HTTP API), `local_backend` (the bundled backend as a child
+process), `tasks` (worker threads + timers), `session` (run-time state), `capture` (scene -> bundle),
+`results` (GLB -> scene). Register and unregister leave nothing behind: classes, the scene
+property, timers and the child process all go.
 """
+
+from __future__ import annotations
+
+import atexit
+
+import bpy
+
+from . import local_backend, operators, panels, preferences, properties, session, tasks
+
+CLASSES = (preferences.LSRMPreferences, properties.LSRMSettings, *operators.CLASSES, *panels.CLASSES)
 
 
 def register() -> None:
-    """Nothing to register yet: the add-on has no user interface so far."""
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.lsrm = bpy.props.PointerProperty(type=properties.LSRMSettings)
+    atexit.register(local_backend.stop_all)  # the child ends with Blender
 
 
 def unregister() -> None:
-    """Nothing to unregister yet."""
+    tasks.stop_all()
+    local_backend.stop_all()
+    atexit.unregister(local_backend.stop_all)
+    session.reset()
+    del bpy.types.Scene.lsrm
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
