@@ -62,7 +62,7 @@ class TrainConfig:
     out: Path
     model: str = "small"  # a named config of model/config.py
     stage: int = 1  # 1: dense transformer; 2: sparse stage from a stage-1 checkpoint (--init)
-    init: Path | None = None  # stage-1 checkpoint that stage 2 starts from
+    init: Path | None = None  # weights to start from: stage 2 needs stage 1's; stage 1 may continue a run
     steps: int = 1000  # 0: as many as fit in time_limit (measured after a few steps)
     time_limit: float = 0.0  # seconds of training before saving and stopping; 0: none
     batch: int = 4  # objects per device and step
@@ -334,10 +334,11 @@ def _train(config: TrainConfig, process: Process, out: Path, progress: Progress,
     device = process.device
     torch.manual_seed(config.seed)
     resume = (out / STATE).is_file()
-    model = load_checkpoint(config.init) if config.stage == 2 and not resume else LSRM(CONFIGS[config.model])
+    start_from = config.init is not None and not resume
+    model = load_checkpoint(config.init) if start_from else LSRM(CONFIGS[config.model])
+    if start_from and model.config != CONFIGS[config.model]:
+        raise InputError(f"--init '{config.init}' is not a '{config.model}' checkpoint; pass the matching --model")
     if config.stage == 2 and not resume:
-        if model.config != CONFIGS[config.model]:
-            raise InputError(f"--init '{config.init}' is not a '{config.model}' checkpoint; pass the matching --model")
         model.start_sparse_from_dense()
     model = model.to(device).train()
     model.gradient_checkpointing = config.gradient_checkpointing
