@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -332,7 +332,9 @@ def _mean(records: list[dict]) -> dict[str, float]:
 
 
 def _json_safe(value):
-    """JSON has no infinity (PSNR of identical images): write those as null."""
+    """JSON has no infinity (PSNR of identical images): write those as null; paths as strings."""
+    if isinstance(value, PurePath):
+        return str(value)
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

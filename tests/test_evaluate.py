@@ -3,6 +3,7 @@
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,13 @@ def test_evaluate_runs_end_to_end_on_a_small_synthetic_asset(bpy, tmp_path, monk
     sheet = Image.open(out / "sheet.png")
     assert sheet.size == (3 * 48, 48)
     assert len(list((out / "seed3" / "test" / "gt").glob("*.exr"))) == 2
+
+
+def test_metrics_json_takes_paths_and_infinities():
+    from backend.evaluate import _json_safe
+
+    settings = {"checkpoint": Path("models/lsrm.safetensors"), "psnr": [math.inf, 20.0]}
+    assert json.loads(json.dumps(_json_safe(settings))) == {
+        "checkpoint": "models/lsrm.safetensors",
+        "psnr": [None, 20.0],
+    }
