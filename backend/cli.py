@@ -251,7 +251,12 @@ def _add_train(command) -> None:
     train.add_argument("--out", type=Path, required=True, help="run folder: weights, optimizer state, log, eval PNGs")
     train.add_argument("--model", choices=list(CONFIGS), default=d.model, help=f"model config (default {d.model})")
     train.add_argument("--stage", type=int, default=d.stage, help="1: dense transformer (default); 2: sparse stage")
-    train.add_argument("--init", type=Path, default=None, help="weights to start from (stage 2: the stage-1 checkpoint; stage 1: continue with a new optimizer)")
+    train.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="weights to start from (stage 2: stage 1's; stage 1: continue, new optimizer)",
+    )
     train.add_argument("--steps", type=int, default=d.steps, help="steps; 0: as many as fit in --time-limit")
     train.add_argument("--time-limit", type=float, default=d.time_limit, help="seconds before saving and stopping")
     train.add_argument("--batch", type=int, default=d.batch, help=f"objects per device and step ({d.batch})")
