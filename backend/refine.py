@@ -92,7 +92,10 @@ class RefineConfig:
     importance_samples: int = 32
     surface_normals: bool = True  # shading normals from one SDF gradient per ray (fast) instead of per sample
     grid_learning_rate: float = 5e-3  # the dense feature grid
-    sparse_learning_rate: float = 2e-3  # the fine grid: lower, its voxels are small and each sees few rays
+    # The fine grid: much lower. Adam moves every voxel by about the learning rate whatever its gradient's size,
+    # and a fine voxel sees few rays per step, so at 2e-3 the fine stage added noise (worse normals, a worse
+    # photometric fit than the coarse stage left; issue 3).
+    sparse_learning_rate: float = 2e-4
     network_learning_rate: float = 1e-2  # decoder heads and beta
     final_learning_rate_fraction: float = 0.1  # each stage decays exponentially to this share of its start
     weights: LossWeights = field(default_factory=LossWeights)
