@@ -323,7 +323,9 @@ def test_reconstruct_imports_the_result_in_both_paths(addon, service, tmp_path):
     assert bpy.app.timers.is_registered(addon.tasks.pump) and session.job == "RUNNING"
     seen = pump_until_done(addon, task)
     progress = [fraction for _, fraction in seen]
-    assert progress == sorted(progress) and {"upload", "coarse"} <= {stage for stage, _ in seen}
+    # Which engine stage a 0.5 s poll catches depends on timing; that some service stage reaches the panel does not.
+    stages = {stage for stage, _ in seen}
+    assert progress == sorted(progress) and "upload" in stages and stages - {"", "upload", "download"}
     assert task.outcome == ("INFO", "imported 'barrel_lsrm.001' into 'LSRM Results'") and session.job == "DONE"
 
 
