@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.service_helpers import small_bundle, start_service
-from tests.test_blender_import import linked_from
+from tests.test_blender_import import assert_principled_material
 
 pytestmark = pytest.mark.blender
 
@@ -279,20 +279,6 @@ def test_input_errors(addon):
 # Reconstruct: the synchronous path, the worker-thread path, cancelling
 
 
-def check_material(obj) -> None:
-    """Principled BSDF: sRGB base colour; roughness (G) and metallic (B) Non-Color through Separate Color."""
-    nodes = obj.active_material.node_tree.nodes
-    principled = next(node for node in nodes if node.bl_idname == "ShaderNodeBsdfPrincipled")
-    base, _ = linked_from(principled, "Base Color")
-    assert base.bl_idname == "ShaderNodeTexImage" and base.image.colorspace_settings.name == "sRGB"
-    separate, roughness = linked_from(principled, "Roughness")
-    also, metallic = linked_from(principled, "Metallic")
-    assert separate == also and separate.bl_idname == "ShaderNodeSeparateColor"
-    assert (roughness, metallic) == ("Green", "Blue")
-    packed, _ = linked_from(separate, "Color")
-    assert packed.image.colorspace_settings.name == "Non-Color"
-
-
 def world_box(obj) -> np.ndarray:
     corners = np.array([obj.matrix_world @ v.co for v in obj.data.vertices])
     return np.stack([corners.min(axis=0), corners.max(axis=0)])
@@ -310,7 +296,7 @@ def test_reconstruct_imports_the_result_in_both_paths(addon, service, tmp_path):
     assert [c.name for c in result.users_collection] == ["LSRM Results"]
     assert session.job == "DONE" and session.job_message == "imported 'barrel_lsrm' into 'LSRM Results'"
     assert session.result.is_file() and session.task is None
-    check_material(result)
+    assert_principled_material(result)
     text, widgets = panel(addon)
     assert "imported 'barrel_lsrm' into 'LSRM Results'" in text
     assert next(w for w in widgets if w.text == "Reconstruct").enabled
@@ -488,7 +474,7 @@ def test_end_to_end_capture_reconstruct_import_and_relight(addon):
 
     result = bpy.data.objects["Crate_lsrm"]
     assert session.job == "DONE" and result.users_collection[0].name == "LSRM Results"
-    check_material(result)
+    assert_principled_material(result)
     mine, theirs = world_box(result), world_box(source)
     overlap = np.prod(np.clip(np.minimum(mine[1], theirs[1]) - np.maximum(mine[0], theirs[0]), 0.0, None))
     union = np.prod(mine[1] - mine[0]) + np.prod(theirs[1] - theirs[0]) - overlap

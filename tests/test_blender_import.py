@@ -30,6 +30,21 @@ def linked_from(node, socket_name):
     return links[0].from_node, links[0].from_socket.name
 
 
+def assert_principled_material(obj) -> None:
+    """Principled BSDF, sRGB base colour image, one Non-Color image split into G -> roughness, B -> metallic."""
+    nodes = obj.active_material.node_tree.nodes
+    principled = next(n for n in nodes if n.bl_idname == "ShaderNodeBsdfPrincipled")
+    base, _ = linked_from(principled, "Base Color")
+    assert base.bl_idname == "ShaderNodeTexImage" and base.image.colorspace_settings.name == "sRGB"
+    separate_r, roughness_channel = linked_from(principled, "Roughness")
+    separate_m, metallic_channel = linked_from(principled, "Metallic")
+    assert separate_r == separate_m and separate_r.bl_idname == "ShaderNodeSeparateColor"
+    assert (roughness_channel, metallic_channel) == ("Green", "Blue")
+    packed, _ = linked_from(separate_r, "Color")
+    assert packed.bl_idname == "ShaderNodeTexImage" and packed.image.colorspace_settings.name == "Non-Color"
+    assert packed.image != base.image
+
+
 @pytest.mark.blender
 def test_blender_imports_a_principled_material_at_the_right_place(bpy, tmp_path):
     out = export_glb(AnalyticField(), tmp_path / "sphere.glb", NORMALISATION, resolution=64, texture_size=256)
@@ -44,18 +59,7 @@ def test_blender_imports_a_principled_material_at_the_right_place(bpy, tmp_path)
     np.testing.assert_allclose(world.max(axis=0), centre + radius, atol=0.005)
     np.testing.assert_allclose(np.array(obj.location), centre, atol=0.005)  # origin at the object's centre
 
-    # Material: Principled BSDF, sRGB base colour image, one Non-Color image split into G -> roughness, B -> metallic.
-    nodes = obj.active_material.node_tree.nodes
-    principled = next(n for n in nodes if n.bl_idname == "ShaderNodeBsdfPrincipled")
-    base, _ = linked_from(principled, "Base Color")
-    assert base.bl_idname == "ShaderNodeTexImage" and base.image.colorspace_settings.name == "sRGB"
-    separate_r, roughness_channel = linked_from(principled, "Roughness")
-    separate_m, metallic_channel = linked_from(principled, "Metallic")
-    assert separate_r == separate_m and separate_r.bl_idname == "ShaderNodeSeparateColor"
-    assert (roughness_channel, metallic_channel) == ("Green", "Blue")
-    packed, _ = linked_from(separate_r, "Color")
-    assert packed.bl_idname == "ShaderNodeTexImage" and packed.image.colorspace_settings.name == "Non-Color"
-    assert packed.image != base.image
+    assert_principled_material(obj)
 
 
 FLOORS = {"diffuse": 21.5, "glossy": 16.5}  # dB, honest margins below what is measured

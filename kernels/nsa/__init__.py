@@ -11,6 +11,7 @@ Tile mode (one block list per query tile, FlexAttention) is `kernels.nsa.flex_ti
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -46,11 +47,14 @@ def reference_only() -> Iterator[None]:
 def kernels_enabled(x: torch.Tensor) -> bool:
     """Whether ops on tensors like x run the kernels: CUDA, Triton importable, and the reference not forced."""
     return (
-        x.is_cuda
-        and not _forced_reference
-        and os.environ.get("LSRM_NSA_REFERENCE", "0") != "1"
-        and importlib.util.find_spec("triton") is not None
+        x.is_cuda and not _forced_reference and os.environ.get("LSRM_NSA_REFERENCE", "0") != "1" and _triton_installed()
     )
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Looked up once: every NSA call of every block asks."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def selected_attention(
