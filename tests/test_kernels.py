@@ -186,13 +186,13 @@ def test_every_output_element_is_written(seed: int, tile: int) -> None:
     """Buffers poisoned with NaN: forward and backward must overwrite every element."""
     problem = make_problem(seed, torch.bfloat16, 16, 1, routed=tile > 1)
     q, k, v, offsets, selected = problem.q, problem.k, problem.v, problem.block_offsets, problem.selected
-    lists = block_lists.tile_lists(selected, tile)
+    steps = ts.plan(selected, offsets, q.shape[-1], tile)
     out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:2], float("nan"), device=DEVICE)
-    ts.forward(q, k, v, offsets, selected, lists, q.shape[-1] ** -0.5, tile, out=out, lse=lse)
+    ts.forward(q, k, v, steps, q.shape[-1] ** -0.5, tile, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
     grads = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    ts.backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, lists, q.shape[-1] ** -0.5, tile, grads=grads)
+    ts.backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, steps, q.shape[-1] ** -0.5, tile, grads=grads)
     for grad in grads:
         assert not grad.isnan().any()
 
