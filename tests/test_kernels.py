@@ -122,20 +122,22 @@ def oracle(problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> 
     return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
 
 
-def kernel_run(problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor, tile: int | None):
+def kernel_run(
+    problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor, tile: int | None, pack: bool | None = None
+):
     q, k, v = (x.detach().requires_grad_() for x in (problem.q, problem.k, problem.v))
-    out, lse = ts.selected_attention(q, k, v, problem.block_offsets, problem.selected, tile=tile)
+    out, lse = ts.selected_attention(q, k, v, problem.block_offsets, problem.selected, tile=tile, pack=pack)
     finite_lse = torch.where(lse.isfinite(), lse, 0.0)
     loss = (out.float() * grad_out.float()).sum() + (finite_lse * grad_lse).sum()
     return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
 
 
-def check_against_oracle(problem: Problem, tile: int | None, generator_seed: int) -> None:
+def check_against_oracle(problem: Problem, tile: int | None, generator_seed: int, pack: bool | None = None) -> None:
     generator = torch.Generator().manual_seed(generator_seed)
     grad_out = torch.randn(problem.q.shape, generator=generator).to(DEVICE, problem.q.dtype)
     grad_lse = torch.randn(problem.q.shape[:2], generator=generator).to(DEVICE)
     expected = oracle(problem, grad_out, grad_lse)
-    got = kernel_run(problem, grad_out, grad_lse, tile)
+    got = kernel_run(problem, grad_out, grad_lse, tile, pack)
     tolerance = TOLERANCE[problem.q.dtype]
     for name, value, want in zip(("out", "lse", "dq", "dk", "dv"), got, expected, strict=True):
         assert value.dtype == (torch.float32 if name == "lse" else problem.q.dtype), name
@@ -154,6 +156,46 @@ def test_tiled_kernel_matches_the_reference_on_shared_lists(seed: int, heads: in
     """T queries per program walking the union of their lists, masked per row; odd T leaves a ragged last tile."""
     problem = make_problem(seed, torch.bfloat16, heads, kv_heads, routed=True)
     check_against_oracle(problem, tile=tile, generator_seed=seed + 1)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("tile", [1, 4])
+def test_packed_and_per_block_walks_match_the_reference(seed: int, tile: int, pack: bool) -> None:
+    """Small blocks (0-12 keys): packed, several blocks share a step; per block, each starts its own."""
+    num_queries, num_keys, _, slots = SIZES
+    problem = make_problem(seed, torch.bfloat16, 16, 1, sizes=(num_queries, num_keys // 2, 12, slots), routed=tile > 1)
+    assert ts.plan(problem.selected, problem.block_offsets, HEAD_DIM, tile, pack).packed == pack
+    check_against_oracle(problem, tile=tile, generator_seed=seed + 1, pack=pack)
+
+
+def test_key_steps_cover_each_programs_keys_once(seed: int) -> None:
+    """Reading the step walk back in Python gives each tile's union of keys, and no step needs over WINDOW blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = make_blocks(generator, 300, 20)
+    selected = make_selection(generator, 10, 2, 6, offsets.numel() - 1, routed=False)
+    for tile, pack in ((1, True), (3, True), (3, False)):
+        steps = block_lists.key_steps(selected, offsets, tile, pack=pack, step=16)
+        for program in range(steps.counts.numel()):
+            t, h = divmod(program, 2)
+            members = {}
+            for query in range(t * tile, min(t * tile + tile, 10)):
+                for block in set(selected[query, h].tolist()) - {-1}:
+                    for key in range(int(offsets[block]), int(offsets[block + 1])):
+                        members[key] = members.get(key, 0) | 1 << (query - t * tile)
+            count = int(steps.counts[program])
+            start, shift, size = (x[program, :count].tolist() for x in (steps.start, steps.shift, steps.size))
+            walked = {}
+            for step in range(int(steps.steps[program])):
+                first = int(steps.first[program, step])
+                lanes = range(step * 16, step * 16 + 16)
+                entries = [max(e for e in range(count) if start[e] <= lane) for lane in lanes]
+                assert first == entries[0] and entries[-1] - first < steps.window
+                for lane, e in zip(lanes, entries, strict=True):
+                    if lane - start[e] < size[e]:
+                        walked[lane + shift[e]] = int(steps.members[program, e]) if tile > 1 else 1
+            assert sorted(walked) == sorted(members)
+            if tile > 1:
+                assert walked == members
 
 
 @pytest.mark.parametrize("tile", [1, 4])
