@@ -349,3 +349,23 @@ def test_flex_tile_mode_matches_the_reference(seed: int) -> None:
     )
     assert relative_error(out, want_out) < TOLERANCE[dtype]
     assert relative_error(lse, want_lse) < TOLERANCE[dtype]
+
+
+def test_compiled_flex_runs_under_a_recompile_limit_new_shapes_do_not_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past dynamo's default limit (8 shapes) FlexAttention would silently run unfused (v1's 16/1 collapse)."""
+    import torch._dynamo
+
+    from kernels.nsa import flex_tiles
+
+    limits = []
+
+    def recording_flex(*args, **kwargs):  # stands in for the compiled function (compiling takes ~1 min on CPU)
+        limits.append(torch._dynamo.config.recompile_limit)
+        return flex_tiles.flex.flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(flex_tiles, "_compiled", recording_flex)
+    default = torch._dynamo.config.recompile_limit
+    q, k = torch.randn(1, 16, 128, 16), torch.randn(1, 1, 128, 16)
+    out = flex_tiles.compiled_flex(q, k, k, enable_gqa=True)
+    assert out.shape == q.shape and limits == [flex_tiles.RECOMPILE_LIMIT] and limits[0] > 8
+    assert torch._dynamo.config.recompile_limit == default  # restored after the call
