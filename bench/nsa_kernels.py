@@ -16,6 +16,8 @@ Self-attention over N tokens, bf16, top-16 blocks per query and KV head. Cases p
   64-key step, v1's walk), and the summary prints each one's time per attended key over `random`'s;
 - `tile`: one list of 8 key tiles of 128 per 128-query tile: FlexAttention (compiled) versus our
   kernel given the same lists per query;
+- `selection`: score-based routing, top-16 of the N / 64 compressed blocks per query (its time and
+  peak memory; TFLOP/s counts the score products only);
 - `dense`: `scaled_dot_product_attention` over all N tokens (KV heads expanded), N <= --dense-max.
 Forward and forward+backward. TFLOP/s counts only selected work: 4 * Nq * Hq * D * keys per query
 forward, 3.5x that forward+backward (dense: all N keys). CUDA events, one warm-up (compiles),
@@ -52,7 +54,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16K tokens, 64/4 and 16/1 at D 64 only")
     parser.add_argument("--tokens", nargs="+", type=int, default=None)
     parser.add_argument("--heads", nargs="+", default=None, help="Hq/Hkv:D, e.g. 64/4:64")
-    parser.add_argument("--cases", nargs="+", default=["random", "routed", "variable", "small", "tile", "dense"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["random", "routed", "variable", "small", "tile", "selection", "dense"],
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-max", type=int, default=65536, help="largest N for dense SDPA")
     parser.add_argument("--budget-s", type=float, default=270.0, help="skip remaining cases after this long")
@@ -129,6 +135,8 @@ def run_case(case: str, shape: Shape, repeats: int, dense_max: int) -> list[dict
             return dense_rows(shape, repeats, base)
         if case == "tile":
             return tile_rows(shape, repeats, base)
+        if case == "selection":
+            return selection_rows(shape, repeats, base)
         return selected_rows(case, shape, repeats, base)
     except Exception as error:  # report it and go on with the next case
         traceback.print_exc(file=sys.stderr)
@@ -208,6 +216,25 @@ def tile_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:
         extra = {"variant": name, "queries": num_tokens, "keys_per_query": keys / (num_tokens * shape.kv_heads)}
         rows += measure(op, shape, num_tokens, num_tokens, flops, repeats, {**base, **extra})
     return rows
+
+
+def selection_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:
+    """Score-based routing (`routing.score_routing`): top-16 of N / 64 compressed blocks per query and KV head."""
+    from backend.model.routing import score_routing
+
+    num_blocks = max(TOP_N, shape.tokens // 64)
+    q, k_cmp, _ = shape.qkv(shape.tokens, num_blocks)
+    query_cu = torch.tensor([0, shape.tokens], device=shape.device)
+    block_cu = torch.tensor([0, num_blocks], device=shape.device)
+    synchronise(shape.device)
+    if shape.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+    ms = median_ms(lambda: score_routing(q, k_cmp, query_cu, block_cu, TOP_N), shape.device, repeats)
+    peak = torch.cuda.max_memory_allocated() - held if shape.device.type == "cuda" else 0
+    flops = 2.0 * shape.tokens * shape.q_heads * shape.head_dim * num_blocks  # the scores alone
+    row = {**base, "variant": "score", "mode": "fwd", "queries": shape.tokens, "keys_per_query": num_blocks}
+    return [{**row, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_gib": peak / 2**30}]
 
 
 def dense_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:

@@ -203,7 +203,8 @@ def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
         room = take - below.sum(dim=-1, keepdim=True)
         keep = below | (at & (at.cumsum(dim=-1) <= room))  # exactly `take` a row; ties to lower positions
         position = torch.arange(score.shape[-1], device=score.device).expand_as(score)
-        chosen = position[keep].view(*score.shape[:-1], take)  # ascending positions
+        # The kept positions, ascending, by a second selection (boolean indexing would wait for the GPU).
+        chosen = torch.where(keep, position, position + score.shape[-1]).topk(take, dim=-1, largest=False).values
         by_score = torch.sort(score.gather(-1, chosen), dim=-1, stable=True).indices  # stable: lower position first
         order = chosen.gather(-1, by_score)
     finite = torch.isfinite(score.gather(-1, order))
