@@ -19,6 +19,7 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LSRM_NSA_AUTOTUNE", "0")  # correctness here; the benchmark tunes
 
 from kernels import nsa  # noqa: E402
 from kernels.nsa import block_lists, reference  # noqa: E402
@@ -329,17 +330,19 @@ def test_compressed_attention_through_sdpa(seed: int) -> None:
     assert relative_error(got, want) < TOLERANCE[dtype]
 
 
-def test_flex_tile_mode_matches_the_reference(seed: int) -> None:
-    """One list per query tile through FlexAttention = selected attention over fixed key tiles."""
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (16, 1)])
+def test_flex_tile_mode_matches_the_reference(seed: int, heads: int, kv_heads: int) -> None:
+    """One list per query tile through FlexAttention = selected attention over fixed key tiles (16/1: one mask head)."""
     from kernels.nsa.flex_tiles import tile_attention
 
     generator = torch.Generator().manual_seed(seed)
     num_queries, num_keys, q_tile, kv_tile = (300, 520, 64, 128) if not CUDA else (8192, 16384, 128, 128)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    q = torch.randn(num_queries, 8, 64, generator=generator).to(DEVICE, dtype)
-    k, v = (torch.randn(num_keys, 2, 64, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    q = torch.randn(num_queries, heads, 64, generator=generator).to(DEVICE, dtype)
+    k, v = (torch.randn(num_keys, kv_heads, 64, generator=generator).to(DEVICE, dtype) for _ in range(2))
     key_tiles = -(-num_keys // kv_tile)
-    tile_selected = torch.randint(-1, key_tiles, (-(-num_queries // q_tile), 2, 4), generator=generator).to(DEVICE)
+    tile_selected = torch.randint(-1, key_tiles, (-(-num_queries // q_tile), kv_heads, 4), generator=generator)
+    tile_selected = tile_selected.to(DEVICE)
     tile_selected[:, :, 0] = tile_selected[:, :, 0].clamp_min(0)  # every tile attends somewhere
     out, lse = tile_attention(q, k, v, tile_selected, q_tile=q_tile, kv_tile=kv_tile)
     offsets = torch.tensor([*range(0, num_keys, kv_tile), num_keys], device=DEVICE)

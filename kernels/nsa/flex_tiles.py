@@ -48,9 +48,11 @@ def tile_attention(
     indices = torch.zeros(*lists.shape[:2], width, dtype=torch.int32, device=q.device)
     used = min(width, lists.shape[2])
     indices[..., :used] = lists[..., :used].clamp_max(key_tiles - 1)
-    # [Qt, Hkv, .] -> [1, Hq, Qt, .]: the KV head's list serves each of its query heads.
-    indices = indices.permute(1, 0, 2).repeat_interleave(group, dim=0)[None].contiguous()
-    counts = counts.T.repeat_interleave(group, dim=0)[None].contiguous()
+    # [Qt, Hkv, .] -> [1, Hq, Qt, .]: the KV head's list serves each of its query heads. With one KV
+    # head the mask keeps one head, which FlexAttention broadcasts (Hq times less mask to build).
+    repeat = group if kv_heads > 1 else 1
+    indices = indices.permute(1, 0, 2).repeat_interleave(repeat, dim=0)[None].contiguous()
+    counts = counts.T.repeat_interleave(repeat, dim=0)[None].contiguous()
     mask = flex.BlockMask.from_kv_blocks(
         torch.zeros_like(counts),  # no partial tiles: every listed tile is attended in full
         indices,

@@ -19,6 +19,7 @@ costs ceil(size / BLOCK_K) steps, not the largest block's.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -227,7 +228,9 @@ def _fitting_warps(configs: list, named_args: dict, **constants) -> list:
 
 
 def _launch(kernel, grid: tuple[int, int], *args, **constants) -> None:
-    if _interpreting():
+    """Launch autotuned; with one fixed configuration in the interpreter or when LSRM_NSA_AUTOTUNE=0
+    (the GPU tests: every configuration computes the same, and tuning them all costs minutes of compiles)."""
+    if _interpreting() or os.environ.get("LSRM_NSA_AUTOTUNE", "1") == "0":
         kernel[grid](*args, **constants, num_warps=4, num_stages=2)
         return
     if kernel not in _tuned:
