@@ -168,13 +168,15 @@ def _members(selected: torch.Tensor, blocks: torch.Tensor, tile: int) -> torch.T
     num_queries, kv_heads, slots = selected.shape
     tiles, _, width = blocks.shape
     chosen = torch.cat([selected, selected.new_full((tiles * tile - num_queries, kv_heads, slots), -1)])
-    chosen = chosen.to(torch.int32).view(tiles, tile, kv_heads, slots).transpose(1, 2).reshape(tiles, kv_heads, -1)
+    chosen = (
+        chosen.to(torch.int32).view(tiles, tile, kv_heads, slots).transpose(1, 2).reshape(tiles, kv_heads, tile * slots)
+    )
     bit = (1 << torch.arange(tile, device=blocks.device, dtype=torch.int32)).repeat_interleave(slots)
     # Each (query, block) once: sort each query's slots and drop repeats.
     per_query = chosen.view(tiles, kv_heads, tile, slots).sort(dim=-1).values
     repeated = torch.zeros_like(per_query, dtype=torch.bool)
     repeated[..., 1:] = per_query[..., 1:] == per_query[..., :-1]
-    chosen = per_query.masked_fill(repeated, -1).view(tiles, kv_heads, -1)
+    chosen = per_query.masked_fill(repeated, -1).view(tiles, kv_heads, tile * slots)
     position = torch.searchsorted(blocks, chosen.masked_fill(chosen < 0, _NONE)).clamp_max(width - 1)
     found = (chosen >= 0) & (blocks.gather(-1, position) == chosen)
     members = torch.zeros(tiles, kv_heads, width + 1, dtype=torch.int32, device=blocks.device)
