@@ -224,12 +224,13 @@ def test_a_query_without_keys_gets_zeros_minus_infinity_and_no_gradient(seed: in
     assert torch.all(dq[:2] == 0) and not dq.isnan().any()
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("tile", [1, 4])
-def test_every_output_element_is_written(seed: int, tile: int) -> None:
-    """Buffers poisoned with NaN: forward and backward must overwrite every element."""
+def test_every_output_element_is_written(seed: int, tile: int, pack: bool) -> None:
+    """Buffers poisoned with NaN: forward and backward must overwrite every element, packed or not."""
     problem = make_problem(seed, torch.bfloat16, 16, 1, routed=tile > 1)
     q, k, v, offsets, selected = problem.q, problem.k, problem.v, problem.block_offsets, problem.selected
-    steps = ts.plan(selected, offsets, q.shape[-1], tile)
+    steps = ts.plan(selected, offsets, q.shape[-1], tile, pack)
     out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:2], float("nan"), device=DEVICE)
     ts.forward(q, k, v, steps, q.shape[-1] ** -0.5, tile, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
