@@ -165,7 +165,8 @@ def test_packed_and_per_block_walks_match_the_reference(seed: int, tile: int, pa
     """Small blocks (0-12 keys): packed, several blocks share a step; per block, each starts its own."""
     num_queries, num_keys, _, slots = SIZES
     problem = make_problem(seed, torch.bfloat16, 16, 1, sizes=(num_queries, num_keys // 2, 12, slots), routed=tile > 1)
-    assert ts.plan(problem.selected, problem.block_offsets, HEAD_DIM, tile, pack).packed == pack
+    steps = ts.plan(problem.selected, problem.block_offsets, HEAD_DIM, tile, pack)
+    assert steps.packed == pack and steps.direct == (not pack)  # blocks of <= 12 keys: one step each
     check_against_oracle(problem, tile=tile, generator_seed=seed + 1, pack=pack)
 
 
@@ -205,11 +206,16 @@ def test_one_query_and_one_token_blocks(seed: int, tile: int) -> None:
     check_against_oracle(problem, tile=tile, generator_seed=seed + 1)
 
 
-def test_blocks_longer_than_a_key_chunk_and_head_dim_128(seed: int) -> None:
-    """Blocks up to 150 keys span several BLOCK_K chunks; D = 128."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_blocks_longer_than_a_key_chunk_and_head_dim_128(seed: int, pack: bool) -> None:
+    """Blocks up to 150 keys span several 64-key steps; D = 128."""
     sizes = (5, 400, 150, 3) if not CUDA else (1024, 16384, 150, 8)
     problem = make_problem(seed, torch.bfloat16, 4, 1, sizes=sizes, head_dim=128)
-    check_against_oracle(problem, tile=1, generator_seed=seed + 1)
+    longest = int(problem.block_offsets.diff().argmax())
+    problem.selected[0, 0, 0] = longest  # chosen, so the walk has a block over one step (when one is drawn)
+    steps = ts.plan(problem.selected, problem.block_offsets, 128, 1, pack)
+    assert steps.direct == (not pack and int(problem.block_offsets.diff()[longest]) <= 64)
+    check_against_oracle(problem, tile=1, generator_seed=seed + 1, pack=pack)
 
 
 def test_a_query_without_keys_gets_zeros_minus_infinity_and_no_gradient(seed: int) -> None:

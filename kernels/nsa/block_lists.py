@@ -106,6 +106,8 @@ class KeySteps:
     steps: torch.Tensor  # [P] int32
     packed: bool
 
+    direct: bool = False  # unpacked with every block within one step: step i is entry i (no `first` to read)
+
     @property
     def window(self) -> int:
         return WINDOW if self.packed else 1
@@ -158,6 +160,7 @@ def key_steps(
         first=first.to(torch.int32).flatten(0, 1).contiguous(),
         steps=steps.to(torch.int32).flatten().contiguous(),
         packed=pack,
+        direct=not pack and bool((size <= step).all()),
     )
 
 

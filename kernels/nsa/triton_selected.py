@@ -88,7 +88,8 @@ def _forward_kernel(
     stride_q, stride_k, stride_v, stride_o,
     scale_log2,
     G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-    BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -106,7 +107,7 @@ def _forward_kernel(
     entries = program * width
     count = tl.load(COUNTS + program)
     for step in range(tl.load(STEPS + program)):
-        first = tl.load(FIRST + program * max_steps + step)
+        first = step if DIRECT else tl.load(FIRST + program * max_steps + step)
         key, ok, take = _step_keys(
             START, SHIFT, SIZE, MEMBERS, entries, count, first, step, G, T, ROWS, BLOCK_K, WINDOW
         )
@@ -133,7 +134,8 @@ def _dq_kernel(
     stride_q, stride_k, stride_v, stride_do, stride_dq,
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-    BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -152,7 +154,7 @@ def _dq_kernel(
     entries = program * width
     count = tl.load(COUNTS + program)
     for step in range(tl.load(STEPS + program)):
-        first = tl.load(FIRST + program * max_steps + step)
+        first = step if DIRECT else tl.load(FIRST + program * max_steps + step)
         key, ok, take = _step_keys(
             START, SHIFT, SIZE, MEMBERS, entries, count, first, step, G, T, ROWS, BLOCK_K, WINDOW
         )
@@ -216,7 +218,7 @@ def _dkdv_kernel(
 # so the tuning runs are harmless); few, since each costs a compile. A 16-row tile (one query's GQA
 # group) is too small to feed 4+ warps, so small tiles try fewer warps; the interpreter takes one config.
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3), (8, 2))]
-_TUNING_KEY = ["G", "T", "ROWS", "D", "BLOCK_K", "WINDOW"]
+_TUNING_KEY = ["G", "T", "ROWS", "D", "BLOCK_K", "WINDOW", "DIRECT"]
 _tuned: dict = {}
 
 
@@ -314,13 +316,13 @@ class _SelectedAttention(torch.autograd.Function):
         steps = plan(selected, offsets, q.shape[-1], tile, pack)
         out, lse = forward(q, k, v, steps, scale, tile)
         ctx.save_for_backward(q, k, v, out, lse, offsets, selected, *steps.tensors())
-        ctx.scale, ctx.tile, ctx.packed = scale, tile, steps.packed
+        ctx.scale, ctx.tile, ctx.packed, ctx.direct = scale, tile, steps.packed, steps.direct
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, offsets, selected, *step_tensors = ctx.saved_tensors
-        steps = KeySteps(*step_tensors, packed=ctx.packed)
+        steps = KeySteps(*step_tensors, packed=ctx.packed, direct=ctx.direct)
         dq, dk, dv = backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, steps, ctx.scale, ctx.tile)
         return dq, dk, dv, None, None, None, None, None
 
@@ -351,6 +353,7 @@ def forward(
         q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         scale * LOG2E,
         G=group, T=tile, ROWS=_rows_of(group, tile), D=head_dim, BLOCK_K=_block_k(head_dim), WINDOW=steps.window,
+        DIRECT=steps.direct,
         PRECISION=_precision(q), UPCAST=_interpreting(),
     )  # fmt: skip
     return out, lse
@@ -395,6 +398,7 @@ def backward(
             q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dq.stride(0),
             scale, scale * LOG2E,
             G=group, T=tile, ROWS=_rows_of(group, tile), D=head_dim, BLOCK_K=block_k, WINDOW=steps.window,
+            DIRECT=steps.direct,
             PRECISION=precision, UPCAST=_interpreting(),
         )  # fmt: skip
     if num_blocks and num_keys:
