@@ -8,7 +8,7 @@ Self-attention over N tokens, bf16, top-16 blocks per query and KV head. Cases p
   parallel_nsa, 108 TFLOP/s forward at 64/4 heads, D 64, 64K tokens on an H200);
 - `routed`: the lists 3D-aware routing (`backend.model.routing.route_to_volume`) gives the voxel
   tokens of a sphere's surface shell in 4^3 blocks (variable-sized, as in stage 2), about N tokens;
-  run with the automatic tile choice and with T = 1 forced, to show what tiling buys;
+  run with the automatic tile choice, with T = 1 forced (what tiling buys) and with 128-row tiles;
 - `variable`: random lists over blocks of 33-64 keys versus `random` (full blocks): the cost of
   variable-sized blocks per attended key;
 - `small`: random lists over blocks of 8-16 keys (as sparse as routed lists, without the sharing);
@@ -164,6 +164,8 @@ def selected_rows(case: str, shape: Shape, repeats: int, base: dict) -> list[dic
     variants = {"auto": (tile, None)}
     if case == "routed":
         variants["T=1"] = (1, None)
+        wide = min(triton_selected.MAX_TILE, max(1, 128 // group))  # 128-row tiles: more sharing, wider dots
+        variants[f"T={wide}"] = (wide, None)
     if case != "random":
         variants["per-block"] = (tile, False)
     rows = []
