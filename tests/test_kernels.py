@@ -152,7 +152,7 @@ def test_per_query_kernel_matches_the_reference(seed: int, dtype: torch.dtype, h
     check_against_oracle(make_problem(seed, dtype, heads, kv_heads), tile=1, generator_seed=seed + 1)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "tile"), [(16, 1, 4), (4, 1, 16), (8, 2, 3)])
+@pytest.mark.parametrize(("heads", "kv_heads", "tile"), [(16, 1, 4), (16, 1, 8), (4, 1, 16), (8, 2, 3)])
 def test_tiled_kernel_matches_the_reference_on_shared_lists(seed: int, heads: int, kv_heads: int, tile: int) -> None:
     """T queries per program walking the union of their lists, masked per row; odd T leaves a ragged last tile."""
     problem = make_problem(seed, torch.bfloat16, heads, kv_heads, routed=True)
