@@ -7,9 +7,9 @@
   ascending. The backward pass walks it to give every key block its dk/dv without atomics.
 - `sharing`: a cheap estimate of how much neighbouring queries' lists overlap (decides T).
 - `key_steps`: the walk of the forward and dq kernels: each program's union laid out as a stream of
-  key lanes cut into steps of `step` lanes (`STEP`). Unpacked, every block starts a fresh step (a block costs
-  ceil(size / STEP) steps, as in v1); packed, blocks follow one another in the stream, so the keys of
-  several small blocks share one step (at most `WINDOW` blocks a step, found in the kernel).
+  key lanes cut into steps of `step` lanes (`STEP`). Unpacked, every block starts a fresh step (a
+  block costs ceil(size / step) steps, as in v1); packed, blocks follow one another in the stream,
+  so the keys of several small blocks share one step (at most `WINDOW` blocks a step).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class KeySteps:
 
     Entry e of program p (e < counts[p]) covers stream lanes [start[p, e], start[p, e] + size[p, e]),
     holding keys start + shift .. ; members[p, e] has bit t set when the tile's query t chose the block.
-    Step i (i < steps[p]) covers lanes [i * step, (i + 1) * step) and first[p, i] is the entry holding lane i * STEP.
+    Step i (i < steps[p]) covers lanes [i * step, (i + 1) * step); first[p, i] is the entry holding its first lane.
     """
 
     start: torch.Tensor  # [P, width] int32, ascending; padding entries hold 2**31 - 1
@@ -105,7 +105,6 @@ class KeySteps:
     first: torch.Tensor  # [P, max_steps] int32
     steps: torch.Tensor  # [P] int32
     packed: bool
-
     direct: bool = False  # unpacked with every block within one step: step i is entry i (no `first` to read)
 
     @property
@@ -124,32 +123,29 @@ def key_steps(
     pack None: pack when that needs under `PACK_GAIN` of the unpacked steps (a packed step costs a little more).
     """
     blocks, _ = tile_lists(selected, tile)  # [tiles, Hkv, width]
-    tiles, kv_heads, width = blocks.shape
-    sizes = (offsets[1:] - offsets[:-1]).to(torch.int32)
-    safe = blocks.clamp_max(max(sizes.numel() - 1, 0)).long()
-    size = torch.where(blocks != _NONE, sizes[safe], 0) if sizes.numel() else torch.zeros_like(blocks)
-    # Drop empty blocks: they would take window places and no keys.
-    blocks = blocks.masked_fill(size == 0, _NONE).sort(dim=-1).values
-    safe = blocks.clamp_max(max(sizes.numel() - 1, 0)).long()
-    real = blocks != _NONE
-    size = torch.where(real, sizes[safe], 0) if sizes.numel() else torch.zeros_like(blocks)
+    tiles, kv_heads, _ = blocks.shape
+    num_blocks = offsets.numel() - 1
+    # One spare empty block at index num_blocks stands for padding entries: no guards below.
+    sizes = torch.cat([offsets[1:] - offsets[:-1], offsets.new_zeros(1)]).to(torch.int32)
+    first_keys = torch.cat([offsets[:-1], offsets.new_zeros(1)])
+    size = sizes[blocks.clamp_max(num_blocks).long()]
+    blocks = blocks.masked_fill(size == 0, _NONE).sort(dim=-1).values  # empty blocks would only take window places
+    index = blocks.clamp_max(num_blocks).long()
+    size, real = sizes[index], blocks != _NONE
     counts = real.sum(dim=-1, dtype=torch.int32)
     full_lanes = -(-size // step) * step  # unpacked: every block starts a step
     packed_lanes = torch.where(real, size.clamp_min(-(-step // (WINDOW - 1))), 0)
     if pack is None:
         pack = bool(-(-packed_lanes.sum(-1) // step).sum() < PACK_GAIN * (full_lanes.sum() // step))
     lanes = packed_lanes if pack else full_lanes
-    end = lanes.cumsum(dim=-1, dtype=torch.int64)
-    start = end - lanes
-    total = end[..., -1] if width else torch.zeros(tiles, kv_heads, dtype=torch.int64, device=blocks.device)
-    steps = -(-total // step)
+    start = lanes.cumsum(dim=-1, dtype=torch.int64) - lanes
+    steps = -(-lanes.sum(dim=-1, dtype=torch.int64) // step)
     max_steps = int(steps.max()) if steps.numel() else 0
     start = start.masked_fill(~real, _NONE)
     lane = torch.arange(max_steps, device=blocks.device, dtype=torch.int64) * step
     first = torch.searchsorted(start, lane.expand(tiles, kv_heads, max_steps).contiguous(), right=True) - 1
     first = first.clamp(min=0)
-    start_key = (offsets[:-1][safe] if sizes.numel() else torch.zeros_like(start)).to(torch.int64)
-    shift = torch.where(real, start_key - start, 0)
+    shift = torch.where(real, first_keys[index] - start, 0)
     members = _members(selected, blocks, tile)
     return KeySteps(
         start=start.to(torch.int32).flatten(0, 1).contiguous(),

@@ -5,15 +5,17 @@ head's scores (natural log, -inf for a query head without any key) for mixing br
 
 Work split (G = Hq // Hkv query heads share a KV head and are loaded together as one tile):
 - forward and dq: one program per tile of T consecutive queries and one KV head owns a [T*G, D]
-  query tile and walks the union of the tile's block lists (`block_lists.tile_lists`), masking
-  per row the blocks that row's query did not choose. T = 1 is the plain per-query kernel; T > 1
-  pays off when neighbouring queries share most blocks (3D routing), and `choose_tile` picks it
-  from a cheap sample of the lists.
+  query tile and walks the union of the tile's block lists as one flat loop of 64-key steps
+  (`block_lists.key_steps`); rows skip the blocks their query did not choose (a bit set per block).
+  T = 1 is the plain per-query kernel; T > 1 pays off when neighbouring queries share most blocks
+  (3D routing), and `choose_tile` picks it from a cheap sample of the lists. Blocks have any size:
+  unpacked, a block costs ceil(size / 64) steps; packed (chosen where it saves steps), the keys of
+  up to 8 small blocks share one step, each lane finding its block in the kernel.
 - dk and dv: one program per key block and KV head walks the queries that chose the block (the
   selection inverted into CSR lists, `block_lists.block_queries`), a few queries at a time, so every
   key gradient is written once, without atomics, deterministically.
-Blocks have any size: a block is read in chunks of BLOCK_K keys with the tail masked, so a block
-costs ceil(size / BLOCK_K) steps, not the largest block's.
+q is multiplied by scale * log2(e) once, so scores are in log2 units for exp2. Launch configurations
+are autotuned per shape (`_launch`).
 """
 
 from __future__ import annotations
