@@ -231,17 +231,38 @@ def _fitting_warps(configs: list, named_args: dict, **constants) -> list:
     return fits or configs
 
 
-def _launch(kernel, grid: tuple[int, int], *args, **constants) -> None:
+# dk/dv also tunes its query rows per step (ROWS = QB queries x G heads; fla tunes 1-8 queries too).
+_DKDV_CONFIGS = [
+    triton.Config({"ROWS": r}, num_warps=w, num_stages=s)
+    for r, w, s in ((16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))
+]
+
+
+def _query_rows(configs: list, named_args: dict, **constants) -> list:
+    """The dk/dv configurations with QB = ROWS // G queries, for rows that hold at least one query's heads."""
+    group = constants["G"]
+    fits = [
+        triton.Config({"QB": c.kwargs["ROWS"] // group, **c.kwargs}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in configs
+        if c.kwargs["ROWS"] >= group
+    ]
+    return fits or [triton.Config({"QB": 1, "ROWS": _rows_of(group, 1)}, num_warps=4, num_stages=2)]
+
+
+def _launch(kernel, grid: tuple[int, int], *args, tuned: dict | None = None, **constants) -> None:
     """Launch autotuned; with one fixed configuration in the interpreter or when LSRM_NSA_AUTOTUNE=0
-    (the GPU tests: every configuration computes the same, and tuning them all costs minutes of compiles)."""
+    (the GPU tests: every configuration computes the same, and tuning them all costs minutes of compiles).
+
+    tuned: the meta-parameters autotuning chooses for this kernel, with the values the fixed configuration uses.
+    """
+    tuned = tuned or {}
     if _interpreting() or os.environ.get("LSRM_NSA_AUTOTUNE", "1") == "0":
-        kernel[grid](*args, **constants, num_warps=4, num_stages=2)
+        kernel[grid](*args, **constants, **tuned, num_warps=4, num_stages=2)
         return
     if kernel not in _tuned:
-        key = [name for name in _TUNING_KEY if name in kernel.arg_names]
-        _tuned[kernel] = triton.autotune(_CONFIGS, key=key, prune_configs_by={"early_config_prune": _fitting_warps})(
-            kernel
-        )
+        configs, prune = (_DKDV_CONFIGS, _query_rows) if kernel is _dkdv_kernel else (_CONFIGS, _fitting_warps)
+        key = [name for name in _TUNING_KEY if name in kernel.arg_names and name not in tuned]
+        _tuned[kernel] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
     _tuned[kernel][grid](*args, **constants)
 
 
@@ -412,8 +433,8 @@ def backward(
             num_blocks, kv_heads,
             q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dk.stride(0), dv.stride(0),
             scale, scale * LOG2E,
-            G=group, QB=rows // group, ROWS=rows, D=head_dim, BLOCK_K=block_k,
-            PRECISION=precision, UPCAST=_interpreting(),
+            G=group, D=head_dim, BLOCK_K=block_k, PRECISION=precision, UPCAST=_interpreting(),
+            tuned={"QB": rows // group, "ROWS": rows},
         )  # fmt: skip
     return dq, dk, dv
 
