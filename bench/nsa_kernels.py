@@ -88,20 +88,27 @@ def main() -> None:
                 for row in run_case(case, shape, repeats, args.dense_max):
                     report["rows"].append(row)
                     print_row(row)
-    report["per_key_vs_full_blocks"] = key_costs(report["rows"])
-    for cost in report["per_key_vs_full_blocks"]:
+                write_report(report, args.out, cpu)  # after every case: a run cut short keeps what it measured
+    for cost in write_report(report, args.out, cpu)["per_key_vs_full_blocks"]:
         print(
             f"per key vs full blocks: {cost['case']} {cost['variant']} {cost['heads']} N={cost['tokens']} "
             f"{cost['mode']}: {cost['per_key']:.2f}x"
         )
     if not cpu:
+        print("autotune:", json.dumps(report["autotune"], indent=1))
+    print(f"wall {time.perf_counter() - started:.0f} s; wrote {args.out}")
+
+
+def write_report(report: dict, path: Path, cpu: bool) -> dict:
+    """Add the summaries (per-key costs, autotune choices) to the report and write it as JSON."""
+    report["per_key_vs_full_blocks"] = key_costs(report["rows"])
+    if not cpu:
         from kernels.nsa import triton_selected
 
         report["autotune"] = triton_selected.tuned_configs()
-        print("autotune:", json.dumps(report["autotune"], indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wall {time.perf_counter() - started:.0f} s; wrote {args.out}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return report
 
 
 class Shape:
@@ -165,7 +172,8 @@ def selected_rows(case: str, shape: Shape, repeats: int, base: dict) -> list[dic
     if case == "routed":
         variants["T=1"] = (1, None)
         wide = min(triton_selected.MAX_TILE, max(1, 128 // group))  # 128-row tiles: more sharing, wider dots
-        variants[f"T={wide}"] = (wide, None)
+        if wide != tile:
+            variants[f"T={wide}"] = (wide, None)
     if case != "random":
         variants["per-block"] = (tile, False)
     rows = []
