@@ -379,3 +379,13 @@ def test_compiled_flex_runs_under_a_recompile_limit_new_shapes_do_not_reach(monk
     out = flex_tiles.compiled_flex(q, k, k, enable_gqa=True)
     assert out.shape == q.shape and limits == [flex_tiles.RECOMPILE_LIMIT] and limits[0] > 8
     assert torch._dynamo.config.recompile_limit == default  # restored after the call
+
+
+def test_launch_configurations_fit_the_tile() -> None:
+    """The autotune spaces after pruning: few warps for 16-row tiles, and dk/dv rows holding whole queries."""
+    small = ts._fitting_warps(ts._CONFIGS, {}, ROWS=16)
+    wide = ts._fitting_warps(ts._CONFIGS, {}, ROWS=128)
+    assert {c.num_warps for c in small} == {1, 2, 4} and {c.num_warps for c in wide} == {4, 8}
+    for group in (1, 3, 4, 16, 256):
+        configs = ts._query_rows(ts._DKDV_CONFIGS, {}, G=group)
+        assert configs and all(c.kwargs["QB"] == c.kwargs["ROWS"] // group >= 1 for c in configs)
