@@ -8,16 +8,22 @@ Self-attention over N tokens, bf16, top-16 blocks per query and KV head. Cases p
   parallel_nsa, 108 TFLOP/s forward at 64/4 heads, D 64, 64K tokens on an H200);
 - `routed`: the lists 3D-aware routing (`backend.model.routing.route_to_volume`) gives the voxel
   tokens of a sphere's surface shell in 4^3 blocks (variable-sized, as in stage 2), about N tokens;
-  run with the automatic tile choice and with T = 1 forced, to show what tiling buys;
+  run with the automatic tile choice, with T = 1 forced (what tiling buys) and with 128-row tiles;
 - `variable`: random lists over blocks of 33-64 keys versus `random` (full blocks): the cost of
   variable-sized blocks per attended key;
+- `small`: random lists over blocks of 8-16 keys (as sparse as routed lists, without the sharing);
+- `variable`, `small` and `routed` also run with packing off (`per-block`: every block starts a
+  64-key step, v1's walk), and the summary prints each one's time per attended key over `random`'s;
 - `tile`: one list of 8 key tiles of 128 per 128-query tile: FlexAttention (compiled) versus our
   kernel given the same lists per query;
+- `selection`: score-based routing, top-16 of the N / 64 compressed blocks per query (its time and
+  peak memory; TFLOP/s counts the score products only);
 - `dense`: `scaled_dot_product_attention` over all N tokens (KV heads expanded), N <= --dense-max.
 Forward and forward+backward. TFLOP/s counts only selected work: 4 * Nq * Hq * D * keys per query
 forward, 3.5x that forward+backward (dense: all N keys). CUDA events, one warm-up (compiles),
 medians over --repeats runs, each on fresh random q, k, v; peak memory above the inputs. A case
-that fails is reported and skipped. Prints a table and writes JSON. On the CPU (--device cpu) the
+that fails is reported and skipped. `lists ms` is the time to build the step walk, included in
+`ms`. Prints a table and writes JSON, with the launch configurations autotuning chose. On the CPU (--device cpu) the
 kernels run in Triton's interpreter at toy sizes: a smoke test of this script, not a measurement.
 """
 
@@ -48,7 +54,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16K tokens, 64/4 and 16/1 at D 64 only")
     parser.add_argument("--tokens", nargs="+", type=int, default=None)
     parser.add_argument("--heads", nargs="+", default=None, help="Hq/Hkv:D, e.g. 64/4:64")
-    parser.add_argument("--cases", nargs="+", default=["random", "routed", "variable", "tile", "dense"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["random", "routed", "variable", "small", "tile", "selection", "dense"],
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-max", type=int, default=65536, help="largest N for dense SDPA")
     parser.add_argument("--budget-s", type=float, default=270.0, help="skip remaining cases after this long")
@@ -78,9 +88,27 @@ def main() -> None:
                 for row in run_case(case, shape, repeats, args.dense_max):
                     report["rows"].append(row)
                     print_row(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+                write_report(report, args.out, cpu)  # after every case: a run cut short keeps what it measured
+    for cost in write_report(report, args.out, cpu)["per_key_vs_full_blocks"]:
+        print(
+            f"per key vs full blocks: {cost['case']} {cost['variant']} {cost['heads']} N={cost['tokens']} "
+            f"{cost['mode']}: {cost['per_key']:.2f}x"
+        )
+    if not cpu:
+        print("autotune:", json.dumps(report["autotune"], indent=1))
     print(f"wall {time.perf_counter() - started:.0f} s; wrote {args.out}")
+
+
+def write_report(report: dict, path: Path, cpu: bool) -> dict:
+    """Add the summaries (per-key costs, autotune choices) to the report and write it as JSON."""
+    report["per_key_vs_full_blocks"] = key_costs(report["rows"])
+    if not cpu:
+        from kernels.nsa import triton_selected
+
+        report["autotune"] = triton_selected.tuned_configs()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return report
 
 
 class Shape:
@@ -114,6 +142,8 @@ def run_case(case: str, shape: Shape, repeats: int, dense_max: int) -> list[dict
             return dense_rows(shape, repeats, base)
         if case == "tile":
             return tile_rows(shape, repeats, base)
+        if case == "selection":
+            return selection_rows(shape, repeats, base)
         return selected_rows(case, shape, repeats, base)
     except Exception as error:  # report it and go on with the next case
         traceback.print_exc(file=sys.stderr)
@@ -130,28 +160,42 @@ def selected_rows(case: str, shape: Shape, repeats: int, base: dict) -> list[dic
     if case == "routed":
         offsets, selected = routed_lists(shape)
     else:
-        low = 64 if case == "random" else 33
-        offsets = block_offsets(shape.tokens, low, 64, shape.device)
+        low, high = {"random": (64, 64), "variable": (33, 64), "small": (8, 16)}[case]
+        offsets = block_offsets(shape.tokens, low, high, shape.device)
         selected = random_lists(shape.tokens, shape.kv_heads, offsets.numel() - 1, shape.device)
     num_queries, num_keys = selected.shape[0], int(offsets[-1])
     keys = selected_keys(selected, offsets)
     group = shape.q_heads // shape.kv_heads
-    tiles = {"auto": triton_selected.choose_tile(selected, group)}
+    tile = triton_selected.choose_tile(selected, group)
+    # (tile, pack) per variant: the automatic choices, and what they are measured against.
+    variants = {"auto": (tile, None)}
     if case == "routed":
-        tiles["T=1"] = 1
+        variants["T=1"] = (1, None)
+        wide = min(triton_selected.MAX_TILE, max(1, 128 // group))  # 128-row tiles: more sharing, wider dots
+        if wide != tile:
+            variants[f"T={wide}"] = (wide, None)
+    if case != "random":
+        variants["per-block"] = (tile, False)
     rows = []
-    for name, tile in tiles.items():
+    for name, (tile, pack) in variants.items():
 
-        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int = tile) -> torch.Tensor:
-            return triton_selected.selected_attention(q, k, v, offsets, selected, tile=tile)[0]
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int = tile, pack: bool | None = pack):
+            return triton_selected.selected_attention(q, k, v, offsets, selected, tile=tile, pack=pack)[0]
 
+        def plan(tile: int = tile, pack: bool | None = pack):
+            return triton_selected.plan(selected, offsets, shape.head_dim, tile, pack)
+
+        steps = plan()
         extra = {
-            "variant": f"ours {name}",
+            "variant": name,
             "tile": tile,
+            "packed": steps.packed,
             "queries": num_queries,
             "blocks": offsets.numel() - 1,
             "keys_per_query": keys / (num_queries * shape.kv_heads),
+            "steps_per_query": float(steps.steps.sum()) / (num_queries * shape.kv_heads),
             "union_ratio": sharing(selected, max(1, 64 // group)),
+            "plan_ms": median_ms(plan, shape.device, repeats),
         }
         flops = 4.0 * shape.head_dim * group * keys
         rows += measure(op, shape, num_queries, num_keys, flops, repeats, {**base, **extra})
@@ -166,6 +210,8 @@ def tile_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:
     tile_size, count = 128, 8
     num_tokens = shape.tokens // tile_size * tile_size
     key_tiles = num_tokens // tile_size
+    if key_tiles == 0:
+        return [{**base, "error": f"skipped: under one {tile_size}-token tile"}]
     tile_selected = random_lists(key_tiles, shape.kv_heads, key_tiles, shape.device, count)
     offsets = torch.arange(0, num_tokens + 1, tile_size, device=shape.device)
     per_query = tile_selected.repeat_interleave(tile_size, 0)
@@ -180,6 +226,25 @@ def tile_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:
         extra = {"variant": name, "queries": num_tokens, "keys_per_query": keys / (num_tokens * shape.kv_heads)}
         rows += measure(op, shape, num_tokens, num_tokens, flops, repeats, {**base, **extra})
     return rows
+
+
+def selection_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:
+    """Score-based routing (`routing.score_routing`): top-16 of N / 64 compressed blocks per query and KV head."""
+    from backend.model.routing import score_routing
+
+    num_blocks = max(TOP_N, shape.tokens // 64)
+    q, k_cmp, _ = shape.qkv(shape.tokens, num_blocks)
+    query_cu = torch.tensor([0, shape.tokens], device=shape.device)
+    block_cu = torch.tensor([0, num_blocks], device=shape.device)
+    synchronise(shape.device)
+    if shape.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+    ms = median_ms(lambda: score_routing(q, k_cmp, query_cu, block_cu, TOP_N), shape.device, repeats)
+    peak = torch.cuda.max_memory_allocated() - held if shape.device.type == "cuda" else 0
+    flops = 2.0 * shape.tokens * shape.q_heads * shape.head_dim * num_blocks  # the scores alone
+    row = {**base, "variant": "score", "mode": "fwd", "queries": shape.tokens, "keys_per_query": num_blocks}
+    return [{**row, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_gib": peak / 2**30}]
 
 
 def dense_rows(shape: Shape, repeats: int, base: dict) -> list[dict]:
@@ -235,7 +300,13 @@ def measure(
     return rows
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median time of fn (after one warm-up run) in ms."""
+    fn()
+    return 1e3 * statistics.median(timed(fn, device) for _ in range(max(repeats, 1)))
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type != "cuda":
         begin = time.perf_counter()
         fn()
@@ -301,8 +372,8 @@ def selected_keys(selected: torch.Tensor, offsets: torch.Tensor) -> int:
 
 
 HEADER = (
-    f"{'case':<9}{'variant':<10}{'heads':<10}{'N':>8}{'mode':>8}{'T':>4}{'keys/q':>8}{'union':>7}"
-    f"{'ms':>11}{'TFLOP/s':>9}{'peak GiB':>9}"
+    f"{'case':<9}{'variant':<10}{'heads':<10}{'N':>8}{'mode':>8}{'T':>4}{'pack':>5}{'keys/q':>8}{'steps/q':>8}"
+    f"{'union':>7}{'lists ms':>9}{'ms':>10}{'TFLOP/s':>9}{'peak GiB':>9}"
 )
 
 
@@ -311,12 +382,31 @@ def print_row(row: dict) -> None:
         print(f"{row['case']:<9}{'':<10}{row['heads']:<10}{row['tokens']:>8}  {row['error'][:90]}", flush=True)
         return
     union = f"{row['union_ratio']:.2f}" if "union_ratio" in row else ""
+    packed = {True: "yes", False: "no"}.get(row.get("packed"), "")
+    steps = f"{row['steps_per_query']:.1f}" if "steps_per_query" in row else ""
+    plan = f"{row['plan_ms']:.2f}" if "plan_ms" in row else ""
     print(
         f"{row['case']:<9}{row['variant']:<10}{row['heads']:<10}{row['queries']:>8}{row['mode']:>8}"
-        f"{row.get('tile', ''):>4}{row['keys_per_query']:>8.0f}{union:>7}{row['ms']:>11.3f}{row['tflops']:>9.1f}"
-        f"{row['peak_gib']:>9.2f}",
+        f"{row.get('tile', ''):>4}{packed:>5}{row['keys_per_query']:>8.0f}{steps:>8}{union:>7}{plan:>9}"
+        f"{row['ms']:>10.3f}{row['tflops']:>9.1f}{row['peak_gib']:>9.2f}",
         flush=True,
     )
+
+
+def key_costs(rows: list[dict]) -> list[dict]:
+    """Time per attended key of each automatic variant against full 64-key blocks (`random`) of the same shape."""
+    full = {
+        (r["heads"], r["tokens"], r["mode"]): r["ms"] / r["keys_per_query"]
+        for r in rows
+        if r.get("case") == "random" and "ms" in r
+    }
+    costs = []
+    for r in rows:
+        reference = full.get((r["heads"], r["tokens"], r.get("mode")))
+        if r.get("case") in ("variable", "small", "routed") and "ms" in r and reference:
+            ratio = r["ms"] / r["keys_per_query"] / reference
+            costs.append({k: r[k] for k in ("case", "variant", "heads", "tokens", "mode")} | {"per_key": ratio})
+    return costs
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LSRM_NSA_AUTOTUNE", "0")  # correctness here; the benchmark tunes
 
 from kernels import nsa  # noqa: E402
 from kernels.nsa import block_lists, reference  # noqa: E402
@@ -122,20 +123,22 @@ def oracle(problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> 
     return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
 
 
-def kernel_run(problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor, tile: int | None):
+def kernel_run(
+    problem: Problem, grad_out: torch.Tensor, grad_lse: torch.Tensor, tile: int | None, pack: bool | None = None
+):
     q, k, v = (x.detach().requires_grad_() for x in (problem.q, problem.k, problem.v))
-    out, lse = ts.selected_attention(q, k, v, problem.block_offsets, problem.selected, tile=tile)
+    out, lse = ts.selected_attention(q, k, v, problem.block_offsets, problem.selected, tile=tile, pack=pack)
     finite_lse = torch.where(lse.isfinite(), lse, 0.0)
     loss = (out.float() * grad_out.float()).sum() + (finite_lse * grad_lse).sum()
     return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
 
 
-def check_against_oracle(problem: Problem, tile: int | None, generator_seed: int) -> None:
+def check_against_oracle(problem: Problem, tile: int | None, generator_seed: int, pack: bool | None = None) -> None:
     generator = torch.Generator().manual_seed(generator_seed)
     grad_out = torch.randn(problem.q.shape, generator=generator).to(DEVICE, problem.q.dtype)
     grad_lse = torch.randn(problem.q.shape[:2], generator=generator).to(DEVICE)
     expected = oracle(problem, grad_out, grad_lse)
-    got = kernel_run(problem, grad_out, grad_lse, tile)
+    got = kernel_run(problem, grad_out, grad_lse, tile, pack)
     tolerance = TOLERANCE[problem.q.dtype]
     for name, value, want in zip(("out", "lse", "dq", "dk", "dv"), got, expected, strict=True):
         assert value.dtype == (torch.float32 if name == "lse" else problem.q.dtype), name
@@ -149,11 +152,52 @@ def test_per_query_kernel_matches_the_reference(seed: int, dtype: torch.dtype, h
     check_against_oracle(make_problem(seed, dtype, heads, kv_heads), tile=1, generator_seed=seed + 1)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "tile"), [(16, 1, 4), (4, 1, 16), (8, 2, 3)])
+@pytest.mark.parametrize(("heads", "kv_heads", "tile"), [(16, 1, 4), (16, 1, 8), (4, 1, 16), (8, 2, 3)])
 def test_tiled_kernel_matches_the_reference_on_shared_lists(seed: int, heads: int, kv_heads: int, tile: int) -> None:
     """T queries per program walking the union of their lists, masked per row; odd T leaves a ragged last tile."""
     problem = make_problem(seed, torch.bfloat16, heads, kv_heads, routed=True)
     check_against_oracle(problem, tile=tile, generator_seed=seed + 1)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("tile", [1, 4])
+def test_packed_and_per_block_walks_match_the_reference(seed: int, tile: int, pack: bool) -> None:
+    """Small blocks (0-12 keys): packed, several blocks share a step; per block, each starts its own."""
+    num_queries, num_keys, _, slots = SIZES
+    problem = make_problem(seed, torch.bfloat16, 16, 1, sizes=(num_queries, num_keys // 2, 12, slots), routed=tile > 1)
+    steps = ts.plan(problem.selected, problem.block_offsets, HEAD_DIM, tile, pack)
+    assert steps.packed == pack and steps.direct == (not pack)  # blocks of <= 12 keys: one step each
+    check_against_oracle(problem, tile=tile, generator_seed=seed + 1, pack=pack)
+
+
+def test_key_steps_cover_each_programs_keys_once(seed: int) -> None:
+    """Reading the step walk back in Python gives each tile's union of keys, and no step needs over WINDOW blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = make_blocks(generator, 300, 20)
+    selected = make_selection(generator, 10, 2, 6, offsets.numel() - 1, routed=False)
+    for tile, pack in ((1, True), (3, True), (3, False)):
+        steps = block_lists.key_steps(selected, offsets, tile, pack=pack, step=16)
+        for program in range(steps.counts.numel()):
+            t, h = divmod(program, 2)
+            members = {}
+            for query in range(t * tile, min(t * tile + tile, 10)):
+                for block in set(selected[query, h].tolist()) - {-1}:
+                    for key in range(int(offsets[block]), int(offsets[block + 1])):
+                        members[key] = members.get(key, 0) | 1 << (query - t * tile)
+            count = int(steps.counts[program])
+            start, shift, size = (x[program, :count].tolist() for x in (steps.start, steps.shift, steps.size))
+            walked = {}
+            for step in range(int(steps.steps[program])):
+                first = int(steps.first[program, step])
+                lanes = range(step * 16, step * 16 + 16)
+                entries = [max(e for e in range(count) if start[e] <= lane) for lane in lanes]
+                assert first == entries[0] and entries[-1] - first < steps.window
+                for lane, e in zip(lanes, entries, strict=True):
+                    if lane - start[e] < size[e]:
+                        walked[lane + shift[e]] = int(steps.members[program, e]) if tile > 1 else 1
+            assert sorted(walked) == sorted(members)
+            if tile > 1:
+                assert walked == members
 
 
 @pytest.mark.parametrize("tile", [1, 4])
@@ -162,11 +206,16 @@ def test_one_query_and_one_token_blocks(seed: int, tile: int) -> None:
     check_against_oracle(problem, tile=tile, generator_seed=seed + 1)
 
 
-def test_blocks_longer_than_a_key_chunk_and_head_dim_128(seed: int) -> None:
-    """Blocks up to 150 keys span several BLOCK_K chunks; D = 128."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_blocks_longer_than_a_key_chunk_and_head_dim_128(seed: int, pack: bool) -> None:
+    """Blocks up to 150 keys span several 64-key steps; D = 128."""
     sizes = (5, 400, 150, 3) if not CUDA else (1024, 16384, 150, 8)
     problem = make_problem(seed, torch.bfloat16, 4, 1, sizes=sizes, head_dim=128)
-    check_against_oracle(problem, tile=1, generator_seed=seed + 1)
+    longest = int(problem.block_offsets.diff().argmax())
+    problem.selected[0, 0, 0] = longest  # chosen, so the walk has a block over one step (when one is drawn)
+    steps = ts.plan(problem.selected, problem.block_offsets, 128, 1, pack)
+    assert steps.direct == (not pack and int(problem.block_offsets.diff()[longest]) <= 64)
+    check_against_oracle(problem, tile=1, generator_seed=seed + 1, pack=pack)
 
 
 def test_a_query_without_keys_gets_zeros_minus_infinity_and_no_gradient(seed: int) -> None:
@@ -181,18 +230,19 @@ def test_a_query_without_keys_gets_zeros_minus_infinity_and_no_gradient(seed: in
     assert torch.all(dq[:2] == 0) and not dq.isnan().any()
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("tile", [1, 4])
-def test_every_output_element_is_written(seed: int, tile: int) -> None:
-    """Buffers poisoned with NaN: forward and backward must overwrite every element."""
+def test_every_output_element_is_written(seed: int, tile: int, pack: bool) -> None:
+    """Buffers poisoned with NaN: forward and backward must overwrite every element, packed or not."""
     problem = make_problem(seed, torch.bfloat16, 16, 1, routed=tile > 1)
     q, k, v, offsets, selected = problem.q, problem.k, problem.v, problem.block_offsets, problem.selected
-    lists = block_lists.tile_lists(selected, tile)
+    steps = ts.plan(selected, offsets, q.shape[-1], tile, pack)
     out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:2], float("nan"), device=DEVICE)
-    ts.forward(q, k, v, offsets, selected, lists, q.shape[-1] ** -0.5, tile, out=out, lse=lse)
+    ts.forward(q, k, v, steps, q.shape[-1] ** -0.5, tile, out=out, lse=lse)
     assert not out.isnan().any() and not lse.isnan().any()
     grads = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    ts.backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, lists, q.shape[-1] ** -0.5, tile, grads=grads)
+    ts.backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, steps, q.shape[-1] ** -0.5, tile, grads=grads)
     for grad in grads:
         assert not grad.isnan().any()
 
@@ -287,17 +337,19 @@ def test_compressed_attention_through_sdpa(seed: int) -> None:
     assert relative_error(got, want) < TOLERANCE[dtype]
 
 
-def test_flex_tile_mode_matches_the_reference(seed: int) -> None:
-    """One list per query tile through FlexAttention = selected attention over fixed key tiles."""
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (16, 1)])
+def test_flex_tile_mode_matches_the_reference(seed: int, heads: int, kv_heads: int) -> None:
+    """One list per query tile through FlexAttention = selected attention over fixed key tiles (16/1: one mask head)."""
     from kernels.nsa.flex_tiles import tile_attention
 
     generator = torch.Generator().manual_seed(seed)
     num_queries, num_keys, q_tile, kv_tile = (300, 520, 64, 128) if not CUDA else (8192, 16384, 128, 128)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    q = torch.randn(num_queries, 8, 64, generator=generator).to(DEVICE, dtype)
-    k, v = (torch.randn(num_keys, 2, 64, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    q = torch.randn(num_queries, heads, 64, generator=generator).to(DEVICE, dtype)
+    k, v = (torch.randn(num_keys, kv_heads, 64, generator=generator).to(DEVICE, dtype) for _ in range(2))
     key_tiles = -(-num_keys // kv_tile)
-    tile_selected = torch.randint(-1, key_tiles, (-(-num_queries // q_tile), 2, 4), generator=generator).to(DEVICE)
+    tile_selected = torch.randint(-1, key_tiles, (-(-num_queries // q_tile), kv_heads, 4), generator=generator)
+    tile_selected = tile_selected.to(DEVICE)
     tile_selected[:, :, 0] = tile_selected[:, :, 0].clamp_min(0)  # every tile attends somewhere
     out, lse = tile_attention(q, k, v, tile_selected, q_tile=q_tile, kv_tile=kv_tile)
     offsets = torch.tensor([*range(0, num_keys, kv_tile), num_keys], device=DEVICE)
@@ -307,3 +359,33 @@ def test_flex_tile_mode_matches_the_reference(seed: int) -> None:
     )
     assert relative_error(out, want_out) < TOLERANCE[dtype]
     assert relative_error(lse, want_lse) < TOLERANCE[dtype]
+
+
+def test_compiled_flex_runs_under_a_recompile_limit_new_shapes_do_not_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past dynamo's default limit (8 shapes) FlexAttention would silently run unfused (v1's 16/1 collapse)."""
+    import torch._dynamo
+
+    from kernels.nsa import flex_tiles
+
+    limits = []
+
+    def recording_flex(*args, **kwargs):  # stands in for the compiled function (compiling takes ~1 min on CPU)
+        limits.append(torch._dynamo.config.recompile_limit)
+        return flex_tiles.flex.flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(flex_tiles, "_compiled", recording_flex)
+    default = torch._dynamo.config.recompile_limit
+    q, k = torch.randn(1, 16, 128, 16), torch.randn(1, 1, 128, 16)
+    out = flex_tiles.compiled_flex(q, k, k, enable_gqa=True)
+    assert out.shape == q.shape and limits == [flex_tiles.RECOMPILE_LIMIT] and limits[0] > 8
+    assert torch._dynamo.config.recompile_limit == default  # restored after the call
+
+
+def test_launch_configurations_fit_the_tile() -> None:
+    """The autotune spaces after pruning: few warps for 16-row tiles, and dk/dv rows holding whole queries."""
+    small = ts._fitting_warps(ts._CONFIGS, {}, ROWS=16)
+    wide = ts._fitting_warps(ts._CONFIGS, {}, ROWS=128)
+    assert {c.num_warps for c in small} == {1, 2, 4} and {c.num_warps for c in wide} == {4, 8}
+    for group in (1, 3, 4, 16, 256):
+        configs = ts._query_rows(ts._DKDV_CONFIGS, {}, G=group)
+        assert configs and all(c.kwargs["QB"] == c.kwargs["ROWS"] // group >= 1 for c in configs)

@@ -160,3 +160,17 @@ def test_score_routing_matches_brute_force(heads: int, kv_heads: int) -> None:
             assert selected[i, kv].tolist() == first_by(keys, top_n), (i, kv)
     assert (selected[10:12] == -1).all()
     assert ((selected[12:] == -1).sum(-1) == 1).all()  # 3 blocks for 4 slots
+
+
+def test_smallest_selects_like_a_stable_sort() -> None:
+    """The topk selection keeps the stable sort's answer: ties to lower positions, -1 past the finite scores."""
+    from backend.model.routing import _smallest
+
+    generator = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 6, (200, 40), generator=generator).float()  # many ties
+    score[torch.rand(score.shape, generator=generator) < 0.3] = float("inf")
+    for count in (1, 5, 16, 40, 45):
+        order = torch.sort(score, dim=-1, stable=True).indices[..., :count]
+        want = torch.where(torch.isfinite(score.gather(-1, order)), order, -1)
+        want = torch.cat([want, want.new_full((200, max(0, count - 40)), -1)], dim=-1)
+        assert torch.equal(_smallest(score, count), want)

@@ -192,9 +192,21 @@ def _squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
     """Positions [..., count] of the `count` smallest finite scores along the last dim, ascending.
 
-    Ties go to the lower position (stable sort); slots past the finite scores are -1.
+    Ties go to the lower position; slots past the finite scores are -1. A selection (topk), not a
+    sort of every score: the routing searches rank thousands of blocks per query to keep a few.
     """
-    order = torch.sort(score, dim=-1, stable=True).indices[..., :count]
+    take = min(count, score.shape[-1])
+    order = score.new_zeros((*score.shape[:-1], 0), dtype=torch.long)
+    if take:
+        kth = score.topk(take, dim=-1, largest=False).values.amax(dim=-1, keepdim=True)  # the take-th smallest
+        below, at = score < kth, score == kth
+        room = take - below.sum(dim=-1, keepdim=True)
+        keep = below | (at & (at.cumsum(dim=-1) <= room))  # exactly `take` a row; ties to lower positions
+        position = torch.arange(score.shape[-1], device=score.device).expand_as(score)
+        # The kept positions, ascending, by a second selection (boolean indexing would wait for the GPU).
+        chosen = torch.where(keep, position, position + score.shape[-1]).topk(take, dim=-1, largest=False).values
+        by_score = torch.sort(score.gather(-1, chosen), dim=-1, stable=True).indices  # stable: lower position first
+        order = chosen.gather(-1, by_score)
     finite = torch.isfinite(score.gather(-1, order))
     order = torch.where(finite, order, -1)
     missing = count - order.shape[-1]

@@ -3,6 +3,12 @@
 When nearby queries share one list (spatial routing makes that natural), the selection is a block
 sparsity pattern FlexAttention runs near dense efficiency, so we use it rather than a kernel of our own.
 Keys come in fixed tiles of `kv_tile` tokens (FlexAttention's sparse block), queries in tiles of `q_tile`.
+
+Compiled FlexAttention specialises on shapes: every (shape, grad mode) is one more compiled entry of
+`flex_attention`. Past dynamo's recompile limit (8 by default) dynamo stops compiling and runs the
+function eagerly, which for FlexAttention is its unfused path (the whole score matrix in memory).
+v1's bench ran its 16/1 cases after the 64/4 cases had compiled 12 entries, which explains their
+0.6 TFLOP/s and out-of-memory (the heads were not the cause). Our calls run under a higher limit.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from torch.nn.attention import flex_attention as flex
 from kernels.nsa.block_lists import tile_lists
 
 _compiled = None
+RECOMPILE_LIMIT = 256  # compiled shapes per process; each is a real kernel, never the unfused fallback
 
 
 def tile_attention(
@@ -41,9 +48,11 @@ def tile_attention(
     indices = torch.zeros(*lists.shape[:2], width, dtype=torch.int32, device=q.device)
     used = min(width, lists.shape[2])
     indices[..., :used] = lists[..., :used].clamp_max(key_tiles - 1)
-    # [Qt, Hkv, .] -> [1, Hq, Qt, .]: the KV head's list serves each of its query heads.
-    indices = indices.permute(1, 0, 2).repeat_interleave(group, dim=0)[None].contiguous()
-    counts = counts.T.repeat_interleave(group, dim=0)[None].contiguous()
+    # [Qt, Hkv, .] -> [1, Hq, Qt, .]: the KV head's list serves each of its query heads. With one KV
+    # head the mask keeps one head, which FlexAttention broadcasts (Hq times less mask to build).
+    repeat = group if kv_heads > 1 else 1
+    indices = indices.permute(1, 0, 2).repeat_interleave(repeat, dim=0)[None].contiguous()
+    counts = counts.T.repeat_interleave(repeat, dim=0)[None].contiguous()
     mask = flex.BlockMask.from_kv_blocks(
         torch.zeros_like(counts),  # no partial tiles: every listed tile is attended in full
         indices,
@@ -53,7 +62,7 @@ def tile_attention(
         mask_mod=None if q.is_cuda else _tile_mask(lists, key_tiles, group, q_tile, kv_tile),
         seq_lengths=(num_queries, num_keys),
     )
-    attend = _flex() if q.is_cuda else flex.flex_attention
+    attend = compiled_flex if q.is_cuda else flex.flex_attention
     out, aux = attend(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],
@@ -86,8 +95,10 @@ def _lse_request() -> dict:
     return {"return_lse": True}
 
 
-def _flex():
+def compiled_flex(*args, **kwargs):
+    """`flex_attention` compiled (once per shape), under a recompile limit that new shapes never reach."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(flex.flex_attention, dynamic=False)
-    return _compiled
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _compiled(*args, **kwargs)

@@ -5,30 +5,34 @@ head's scores (natural log, -inf for a query head without any key) for mixing br
 
 Work split (G = Hq // Hkv query heads share a KV head and are loaded together as one tile):
 - forward and dq: one program per tile of T consecutive queries and one KV head owns a [T*G, D]
-  query tile and walks the union of the tile's block lists (`block_lists.tile_lists`), masking
-  per row the blocks that row's query did not choose. T = 1 is the plain per-query kernel; T > 1
-  pays off when neighbouring queries share most blocks (3D routing), and `choose_tile` picks it
-  from a cheap sample of the lists.
+  query tile and walks the union of the tile's block lists as one flat loop of 64-key steps
+  (`block_lists.key_steps`); rows skip the blocks their query did not choose (a bit set per block).
+  T = 1 is the plain per-query kernel; T > 1 pays off when neighbouring queries share most blocks
+  (3D routing), and `choose_tile` picks it from a cheap sample of the lists. Blocks have any size:
+  unpacked, a block costs ceil(size / 64) steps; packed (chosen where it saves steps), the keys of
+  up to 8 small blocks share one step, each lane finding its block in the kernel.
 - dk and dv: one program per key block and KV head walks the queries that chose the block (the
   selection inverted into CSR lists, `block_lists.block_queries`), a few queries at a time, so every
   key gradient is written once, without atomics, deterministically.
-Blocks have any size: a block is read in chunks of BLOCK_K keys with the tail masked, so a block
-costs ceil(size / BLOCK_K) steps, not the largest block's.
+q is multiplied by scale * log2(e) once, so scores are in log2 units for exp2. Launch configurations
+are autotuned per shape (`_launch`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.nsa.block_lists import block_queries, sharing, tile_lists
+from kernels.nsa.block_lists import KeySteps, block_queries, key_steps, sharing
 
 LOG2E = 1.4426950408889634
 TILE_ROWS = 64  # query rows (T * G) of a program when neighbouring queries are tiled together
 SHARING_LIMIT = 0.6  # tile queries when the union costs under this fraction of the separate lists
+MAX_TILE = 16  # queries per program: each entry's chooser set is a 32-bit mask
 
 
 @triton.jit
@@ -42,13 +46,52 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _scaled(x, scale, UPCAST: tl.constexpr):
+    """x * scale, rounded back to x's dtype for the tensor cores (the interpreter keeps float32)."""
+    y = x.to(tl.float32) * scale
+    if not UPCAST:
+        y = y.to(x.dtype)
+    return y
+
+
+@triton.jit
+def _step_keys(
+    START, SHIFT, SIZE, MEMBERS, entries, count, first, step,
+    G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WINDOW: tl.constexpr,
+):  # fmt: skip
+    """One step's lanes: key rows [BLOCK_K] int64 and which (row, lane) pairs attend [ROWS, BLOCK_K]."""
+    lane = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    if WINDOW == 1:  # unpacked: the step lies inside one block
+        start = tl.load(START + entries + first)
+        key = lane + tl.load(SHIFT + entries + first)
+        ok = lane - start < tl.load(SIZE + entries + first)
+        if T > 1:
+            bits = tl.load(MEMBERS + entries + first)
+    else:  # packed: each lane's block is the last of the window's blocks starting at or before it
+        window = first + tl.arange(0, WINDOW)
+        starts = tl.load(START + entries + window, mask=window < count, other=2147483647)
+        entry = first + tl.sum((starts[None, :] <= lane[:, None]).to(tl.int32), axis=1) - 1
+        key = lane + tl.load(SHIFT + entries + entry)
+        ok = lane - tl.load(START + entries + entry) < tl.load(SIZE + entries + entry)
+        if T > 1:
+            bits = tl.load(MEMBERS + entries + entry)
+    if T > 1:  # rows of queries that did not choose the lane's block do not attend it
+        chooser = tl.arange(0, ROWS) // G
+        take = (((bits >> chooser[:, None]) & 1) != 0) & ok[None, :]
+    else:
+        take = tl.broadcast_to(ok[None, :], (ROWS, BLOCK_K))
+    return key.to(tl.int64), ok, take
+
+
+@triton.jit
 def _forward_kernel(
-    Q, K, V, O, LSE, OFFSETS, BLOCKS, COUNTS, SELECTED,
-    num_queries, slots, union_width, kv_heads,
-    stride_q, stride_k, stride_v, stride_o, stride_sel_q, stride_sel_h,
+    Q, K, V, O, LSE, START, SHIFT, SIZE, MEMBERS, COUNTS, FIRST, STEPS,
+    num_queries, width, max_steps, kv_heads,
+    stride_q, stride_k, stride_v, stride_o,
     scale_log2,
     G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-    BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -58,38 +101,27 @@ def _forward_kernel(
     row_ok = (rows < T * G) & (query < num_queries)
     dims = tl.arange(0, D)
     q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-    if T > 1:
-        slot = tl.arange(0, SLOTS)
-        chosen = tl.load(
-            SELECTED + query[:, None] * stride_sel_q + h * stride_sel_h + slot[None, :],
-            mask=row_ok[:, None] & (slot[None, :] < slots),
-            other=-1,
-        )
+    q = _scaled(q, scale_log2, UPCAST)  # scores come out in log2 units: exp2 without a multiply per score
     m = tl.full([ROWS], -1.0e30, tl.float32)  # finite: a row without keys keeps p = 0, never NaN
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    list_base = (tile * kv_heads + h) * union_width
-    count = tl.load(COUNTS + tile * kv_heads + h)
-    for u in range(count):
-        block = tl.load(BLOCKS + list_base + u)
-        start = tl.load(OFFSETS + block)
-        end = tl.load(OFFSETS + block + 1)
-        take = row_ok
-        if T > 1:
-            take = take & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
-        for first in range(start, end, BLOCK_K):
-            cols = first + tl.arange(0, BLOCK_K)
-            col_ok = cols < end
-            kt = tl.load(K + cols[None, :] * stride_k + h * D + dims[:, None], mask=col_ok[None, :], other=0.0)
-            s = _dot(q, kt, PRECISION, UPCAST) * scale_log2
-            s = tl.where(take[:, None] & col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            total = total * alpha + tl.sum(p, axis=1)
-            vv = tl.load(V + cols[:, None] * stride_v + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, PRECISION, UPCAST)
-            m = m_new
+    program = tile * kv_heads + h
+    entries = program * width
+    count = tl.load(COUNTS + program)
+    for step in range(tl.load(STEPS + program)):
+        first = step if DIRECT else tl.load(FIRST + program * max_steps + step)
+        key, ok, take = _step_keys(
+            START, SHIFT, SIZE, MEMBERS, entries, count, first, step, G, T, ROWS, BLOCK_K, WINDOW
+        )
+        kt = tl.load(K + key[None, :] * stride_k + h * D + dims[:, None], mask=ok[None, :], other=0.0)
+        vv = tl.load(V + key[:, None] * stride_v + h * D + dims[None, :], mask=ok[:, None], other=0.0)
+        s = tl.where(take, _dot(q, kt, PRECISION, UPCAST), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, PRECISION, UPCAST)
+        m = m_new
     has_key = total > 0
     out = acc / tl.where(has_key, total, 1.0)[:, None]
     lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, total, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -99,12 +131,13 @@ def _forward_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ, OFFSETS, BLOCKS, COUNTS, SELECTED,
-    num_queries, slots, union_width, kv_heads,
-    stride_q, stride_k, stride_v, stride_do, stride_dq, stride_sel_q, stride_sel_h,
+    Q, K, V, DO, LSE2, DELTA, DQ, START, SHIFT, SIZE, MEMBERS, COUNTS, FIRST, STEPS,
+    num_queries, width, max_steps, kv_heads,
+    stride_q, stride_k, stride_v, stride_do, stride_dq,
     scale, scale_log2,
     G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-    BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -114,36 +147,25 @@ def _dq_kernel(
     row_ok = (rows < T * G) & (query < num_queries)
     dims = tl.arange(0, D)
     q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = _scaled(q, scale_log2, UPCAST)
     do = tl.load(DO + query[:, None] * stride_do + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE2 + query * (kv_heads * G) + head, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + query * (kv_heads * G) + head, mask=row_ok, other=0.0)
-    if T > 1:
-        slot = tl.arange(0, SLOTS)
-        chosen = tl.load(
-            SELECTED + query[:, None] * stride_sel_q + h * stride_sel_h + slot[None, :],
-            mask=row_ok[:, None] & (slot[None, :] < slots),
-            other=-1,
-        )
     dq = tl.zeros([ROWS, D], tl.float32)
-    list_base = (tile * kv_heads + h) * union_width
-    count = tl.load(COUNTS + tile * kv_heads + h)
-    for u in range(count):
-        block = tl.load(BLOCKS + list_base + u)
-        start = tl.load(OFFSETS + block)
-        end = tl.load(OFFSETS + block + 1)
-        take = row_ok
-        if T > 1:
-            take = take & (tl.max((chosen == block).to(tl.int32), axis=1) > 0)
-        for first in range(start, end, BLOCK_K):
-            cols = first + tl.arange(0, BLOCK_K)
-            col_ok = cols < end
-            kk = tl.load(K + cols[:, None] * stride_k + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
-            vv = tl.load(V + cols[:, None] * stride_v + h * D + dims[None, :], mask=col_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(kk), PRECISION, UPCAST) * scale_log2
-            p = tl.where(take[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            dp = _dot(do, tl.trans(vv), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(kk.dtype), kk, PRECISION, UPCAST)
+    program = tile * kv_heads + h
+    entries = program * width
+    count = tl.load(COUNTS + program)
+    for step in range(tl.load(STEPS + program)):
+        first = step if DIRECT else tl.load(FIRST + program * max_steps + step)
+        key, ok, take = _step_keys(
+            START, SHIFT, SIZE, MEMBERS, entries, count, first, step, G, T, ROWS, BLOCK_K, WINDOW
+        )
+        kk = tl.load(K + key[:, None] * stride_k + h * D + dims[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(V + key[:, None] * stride_v + h * D + dims[None, :], mask=ok[:, None], other=0.0)
+        p = tl.where(take, tl.exp2(_dot(q, tl.trans(kk), PRECISION, UPCAST) - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vv), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kk.dtype), kk, PRECISION, UPCAST)
     tl.store(DQ + query[:, None] * stride_dq + head[:, None] * D + dims[None, :], dq * scale, mask=row_ok[:, None])
 
 
@@ -194,19 +216,64 @@ def _dkdv_kernel(
         tl.store(DV + cols[:, None] * stride_dv + h * D + dims[None, :], dv, mask=col_ok[:, None])
 
 
-# A few launch configurations, tried once per kernel shape on the GPU (every kernel overwrites its
-# outputs, so the tuning runs are harmless); the interpreter takes the first.
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2))]
+# Launch configurations, tried once per kernel and key on the GPU (every kernel overwrites its outputs,
+# so the tuning runs are harmless); few, since each costs a compile. A 16-row tile (one query's GQA
+# group) is too small to feed 4+ warps, so small tiles try fewer warps; the interpreter takes one config.
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3), (8, 2))]
+_TUNING_KEY = ["G", "T", "ROWS", "D", "BLOCK_K", "WINDOW", "DIRECT"]
 _tuned: dict = {}
 
 
-def _launch(kernel, grid: tuple[int, int], *args, **constants) -> None:
-    if _interpreting():
-        kernel[grid](*args, **constants, num_warps=4, num_stages=2)
+def _fitting_warps(configs: list, named_args: dict, **constants) -> list:
+    """Warps that a tile of ROWS query rows can use: 1-4 for 16-32 rows, 4-8 for 64+."""
+    rows = constants.get("ROWS", named_args.get("ROWS", 64))
+    fits = [c for c in configs if (c.num_warps <= 4 if rows <= 32 else c.num_warps >= 4)]
+    return fits or configs
+
+
+# dk/dv also tunes its query rows per step (ROWS = QB queries x G heads; fla tunes 1-8 queries too).
+_DKDV_CONFIGS = [
+    triton.Config({"ROWS": r}, num_warps=w, num_stages=s)
+    for r, w, s in ((16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))
+]
+
+
+def _query_rows(configs: list, named_args: dict, **constants) -> list:
+    """The dk/dv configurations with QB = ROWS // G queries, for rows that hold at least one query's heads."""
+    group = constants["G"]
+    fits = [
+        triton.Config({"QB": c.kwargs["ROWS"] // group, **c.kwargs}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in configs
+        if c.kwargs["ROWS"] >= group
+    ]
+    return fits or [triton.Config({"QB": 1, "ROWS": _rows_of(group, 1)}, num_warps=4, num_stages=2)]
+
+
+def _launch(kernel, grid: tuple[int, int], *args, tuned: dict | None = None, **constants) -> None:
+    """Launch autotuned; with one fixed configuration in the interpreter or when LSRM_NSA_AUTOTUNE=0
+    (the GPU tests: every configuration computes the same, and tuning them all costs minutes of compiles).
+
+    tuned: the meta-parameters autotuning chooses for this kernel, with the values the fixed configuration uses.
+    """
+    tuned = tuned or {}
+    if _interpreting() or os.environ.get("LSRM_NSA_AUTOTUNE", "1") == "0":
+        kernel[grid](*args, **constants, **tuned, num_warps=4, num_stages=2)
         return
     if kernel not in _tuned:
-        _tuned[kernel] = triton.autotune(_CONFIGS, key=["G", "ROWS", "D", "BLOCK_K"])(kernel)
+        configs, prune = (_DKDV_CONFIGS, _query_rows) if kernel is _dkdv_kernel else (_CONFIGS, _fitting_warps)
+        key = [name for name in _TUNING_KEY if name in kernel.arg_names and name not in tuned]
+        _tuned[kernel] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
     _tuned[kernel][grid](*args, **constants)
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """The launch configuration autotuning chose, per kernel and tuning key (for the benchmark's report)."""
+    return {
+        kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel): {
+            str(key): str(config) for key, config in tuner.cache.items()
+        }
+        for kernel, tuner in _tuned.items()
+    }
 
 
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -222,7 +289,7 @@ def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def choose_tile(selected: torch.Tensor, group: int) -> int:
     """Queries per program: several when neighbouring queries share most of their blocks, else 1."""
-    tile = max(1, TILE_ROWS // group)
+    tile = min(MAX_TILE, max(1, TILE_ROWS // group))
     if tile == 1 or selected.shape[0] < 2 * tile:
         return 1
     return tile if sharing(selected, tile) < SHARING_LIMIT else 1
@@ -237,48 +304,57 @@ def selected_attention(
     scale: float | None = None,
     *,
     tile: int | None = None,
+    pack: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected-block attention: (out [Nq, Hq, D] in q's dtype, lse [Nq, Hq] float32); differentiable.
 
     q [Nq, Hq, D]; k, v [Nk, Hkv, D]; block_offsets [Bk + 1] covering the keys (block_offsets[0] = 0,
     block_offsets[-1] = Nk); selected [Nq, Hkv, n] global block indices, -1 empty, repeats count
-    once. tile: queries per program (None: `choose_tile`). Gradients flow to q, k, v, through the
-    output and the lse.
+    once. tile: queries per program, at most `MAX_TILE` (None: `choose_tile`); pack: share steps
+    between small blocks (None: where it saves steps, `block_lists.key_steps`). Gradients flow to
+    q, k, v, through the output and the lse.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if tile is None:
         tile = choose_tile(selected, q.shape[1] // k.shape[1])
-    return _SelectedAttention.apply(q, k, v, block_offsets, selected, scale, tile)
+    if not 1 <= tile <= MAX_TILE:
+        raise ValueError(f"tile must be 1..{MAX_TILE} queries, got {tile}")
+    return _SelectedAttention.apply(q, k, v, block_offsets, selected, scale, tile, pack)
+
+
+def plan(
+    selected: torch.Tensor, block_offsets: torch.Tensor, head_dim: int, tile: int, pack: bool | None = None
+) -> KeySteps:
+    """The step walk the forward and dq kernels take for these lists."""
+    offsets = block_offsets.to(device=selected.device, dtype=torch.long)
+    return key_steps(selected, offsets, tile, pack=pack, step=_block_k(head_dim))
 
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_offsets, selected, scale, tile):
+    def forward(ctx, q, k, v, block_offsets, selected, scale, tile, pack):
         q, k, v = _rows(q), _rows(k), _rows(v)
         offsets = block_offsets.to(device=q.device, dtype=torch.long).contiguous()
         selected = selected if selected.stride(-1) == 1 else selected.contiguous()
-        lists = tile_lists(selected, tile)
-        out, lse = forward(q, k, v, offsets, selected, lists, scale, tile)
-        ctx.save_for_backward(q, k, v, out, lse, offsets, selected, *lists)
-        ctx.scale, ctx.tile = scale, tile
+        steps = plan(selected, offsets, q.shape[-1], tile, pack)
+        out, lse = forward(q, k, v, steps, scale, tile)
+        ctx.save_for_backward(q, k, v, out, lse, offsets, selected, *steps.tensors())
+        ctx.scale, ctx.tile, ctx.packed, ctx.direct = scale, tile, steps.packed, steps.direct
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, offsets, selected, blocks, counts = ctx.saved_tensors
-        dq, dk, dv = backward(
-            q, k, v, out, lse, grad_out, grad_lse, offsets, selected, (blocks, counts), ctx.scale, ctx.tile
-        )
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse, offsets, selected, *step_tensors = ctx.saved_tensors
+        steps = KeySteps(*step_tensors, packed=ctx.packed, direct=ctx.direct)
+        dq, dk, dv = backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, steps, ctx.scale, ctx.tile)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    offsets: torch.Tensor,
-    selected: torch.Tensor,
-    lists: tuple[torch.Tensor, torch.Tensor],
+    steps: KeySteps,
     scale: float,
     tile: int,
     *,
@@ -289,20 +365,19 @@ def forward(
     num_queries, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    blocks, counts = lists
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(num_queries, q_heads, dtype=torch.float32, device=q.device) if lse is None else lse
     if num_queries == 0:
         return out, lse
-    rows = _rows_of(group, tile)
     _launch(
-        _forward_kernel, (blocks.shape[0], kv_heads),
-        q, k, v, out, lse, offsets, blocks, counts, selected,
-        num_queries, selected.shape[2], blocks.shape[2], kv_heads,
-        q.stride(0), k.stride(0), v.stride(0), out.stride(0), selected.stride(0), selected.stride(1),
+        _forward_kernel, (-(-num_queries // tile), kv_heads),
+        q, k, v, out, lse, *steps.tensors(),
+        num_queries, steps.start.shape[1], steps.first.shape[1], kv_heads,
+        q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         scale * LOG2E,
-        G=group, T=tile, ROWS=rows, D=head_dim, BLOCK_K=_block_k(head_dim),
-        SLOTS=triton.next_power_of_2(max(selected.shape[2], 1)), PRECISION=_precision(q), UPCAST=_interpreting(),
+        G=group, T=tile, ROWS=_rows_of(group, tile), D=head_dim, BLOCK_K=_block_k(head_dim), WINDOW=steps.window,
+        DIRECT=steps.direct,
+        PRECISION=_precision(q), UPCAST=_interpreting(),
     )  # fmt: skip
     return out, lse
 
@@ -317,7 +392,7 @@ def backward(
     grad_lse: torch.Tensor | None,
     offsets: torch.Tensor,
     selected: torch.Tensor,
-    lists: tuple[torch.Tensor, torch.Tensor],
+    steps: KeySteps,
     scale: float,
     tile: int,
     *,
@@ -339,17 +414,15 @@ def backward(
     precision = _precision(q)
     block_k = _block_k(head_dim)
     if num_queries:
-        blocks, counts = lists
-        rows = _rows_of(group, tile)
         _launch(
-            _dq_kernel, (blocks.shape[0], kv_heads),
-            q, k, v, grad_out, lse2, delta, dq, offsets, blocks, counts, selected,
-            num_queries, selected.shape[2], blocks.shape[2], kv_heads,
+            _dq_kernel, (-(-num_queries // tile), kv_heads),
+            q, k, v, grad_out, lse2, delta, dq, *steps.tensors(),
+            num_queries, steps.start.shape[1], steps.first.shape[1], kv_heads,
             q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dq.stride(0),
-            selected.stride(0), selected.stride(1),
             scale, scale * LOG2E,
-            G=group, T=tile, ROWS=rows, D=head_dim, BLOCK_K=block_k,
-            SLOTS=triton.next_power_of_2(max(selected.shape[2], 1)), PRECISION=precision, UPCAST=_interpreting(),
+            G=group, T=tile, ROWS=_rows_of(group, tile), D=head_dim, BLOCK_K=block_k, WINDOW=steps.window,
+            DIRECT=steps.direct,
+            PRECISION=precision, UPCAST=_interpreting(),
         )  # fmt: skip
     if num_blocks and num_keys:
         pointers, queries = block_queries(selected, num_blocks)
@@ -360,8 +433,8 @@ def backward(
             num_blocks, kv_heads,
             q.stride(0), k.stride(0), v.stride(0), grad_out.stride(0), dk.stride(0), dv.stride(0),
             scale, scale * LOG2E,
-            G=group, QB=rows // group, ROWS=rows, D=head_dim, BLOCK_K=block_k,
-            PRECISION=precision, UPCAST=_interpreting(),
+            G=group, D=head_dim, BLOCK_K=block_k, PRECISION=precision, UPCAST=_interpreting(),
+            tuned={"QB": rows // group, "ROWS": rows},
         )  # fmt: skip
     return dq, dk, dv
 
