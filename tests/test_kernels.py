@@ -9,6 +9,7 @@ float64 on the same (rounded) inputs; errors are relative Frobenius norms, and a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -389,3 +390,41 @@ def test_launch_configurations_fit_the_tile() -> None:
     for group in (1, 3, 4, 16, 256):
         configs = ts._query_rows(ts._DKDV_CONFIGS, {}, G=group)
         assert configs and all(c.kwargs["QB"] == c.kwargs["ROWS"] // group >= 1 for c in configs)
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_a_reused_selection_builds_its_walks_once_and_gives_the_same_results(seed: int, tile, monkeypatch) -> None:
+    """Every layer of a forward reads the same routed lists: the first call builds the walks, later ones reuse them."""
+    built = {"walks": 0, "inversions": 0}
+
+    def counted(function, name):
+        def wrapper(*args, **kwargs):
+            built[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(ts, "key_steps", counted(ts.key_steps, "walks"))
+    monkeypatch.setattr(ts, "block_queries", counted(ts.block_queries, "inversions"))
+    problem = make_problem(seed, torch.bfloat16, 16, 1, routed=True)
+    grad_out = torch.randn_like(problem.q)
+    grad_lse = torch.randn(problem.q.shape[:2], device=DEVICE)
+    fresh = kernel_run(problem, grad_out, grad_lse, tile=tile)
+    assert built == {"walks": 1, "inversions": 1}
+    reused = dataclasses.replace(problem, selected=block_lists.Selection(problem.selected))
+    for _ in range(3):
+        for a, b in zip(kernel_run(reused, grad_out, grad_lse, tile=tile), fresh, strict=True):
+            assert torch.equal(a, b)
+    assert built == {"walks": 2, "inversions": 2}
+
+
+def test_a_window_selection_is_the_window_branch(seed: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 16, 1)
+    offsets = problem.block_offsets
+    query_block = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=DEVICE), offsets.diff())
+    query_block = query_block[: problem.q.shape[0]]
+    window = block_lists.Selection.window(query_block, 1)
+    nsa.prepare(window, offsets, 16, problem.q.shape[-1])  # builds the kernels' walk on CUDA, nothing elsewhere
+    expected = nsa.window_attention(problem.q, problem.k, problem.v, offsets, query_block)
+    for _ in range(2):
+        assert torch.equal(nsa.window_attention(problem.q, problem.k, problem.v, offsets, window), expected)

@@ -26,7 +26,15 @@ from ..field import FieldDecoder, GridField, SurfaceField, read_dense, voxel_cen
 from ..progress import Progress, no_progress
 from .attention import DenseBlock
 from .config import ModelConfig
-from .sparse import SparseBlock, build_layout, foreground_patches, informative_voxels, patch_points, route
+from .sparse import (
+    SparseBlock,
+    build_layout,
+    foreground_patches,
+    informative_voxels,
+    patch_points,
+    prepare_kernel_lists,
+    route,
+)
 from .timing import section
 from .tokens import ImageTokenizer, VolumeEmbedding
 
@@ -189,6 +197,8 @@ class LSRM(nn.Module):
             layout = build_layout(voxels, patches, points, config)
             if config.routing == "3d":
                 route(layout, high.cameras, config)
+        with section("kernel lists"):
+            prepare_kernel_lists(layout, config)
         counts.update(layout.counts)
 
         # Stage-2 tokens: the stage-1 output tokens, upsampled to the finer grids, plus the new positions / patches.
