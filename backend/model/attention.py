@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.grouped_sdpa import grouped_attention
+
 from .config import ModelConfig
 
 PAIRS = ("vv", "vi", "ii", "iv")  # query set, key set: volume or image
@@ -39,16 +41,7 @@ class Attention(nn.Module):
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         """x_q [B, Nq, C], x_kv [B, Nk, C] -> [B, Nq, C]."""
-        q, k, v = self.project(x_q, x_kv)
-        batch, num_queries = q.shape[:2]
-        group = self.heads // self.kv_heads
-        # The G query heads of a KV head become G times the query rows of one head: [B, Hkv, Nq * G, D].
-        # Same scores as repeating K/V over the group, without copying K/V G times, on every SDPA backend
-        # (enable_gqa is not on all); with one KV head, q and the output are views (no copy at all).
-        q = q.view(batch, num_queries, self.kv_heads, group, self.head_dim).transpose(1, 2).flatten(2, 3)
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))
-        out = out.view(batch, self.kv_heads, num_queries, group * self.head_dim).transpose(1, 2)
-        return self.out(out.flatten(-2))
+        return self.out(grouped_attention(*self.project(x_q, x_kv)).flatten(-2))
 
 
 class MLP(nn.Module):
