@@ -336,6 +336,12 @@ def test_compressed_attention_through_sdpa(seed: int) -> None:
     got = compressed_attention(q, k_cmp, v_cmp, q_token_cu, block_cu)
     want = reference.compressed_attention(q.double(), k_cmp.double(), v_cmp.double(), q_token_cu, block_cu)
     assert relative_error(got, want) < TOLERANCE[dtype]
+    whole = torch.tensor([0, 20]), torch.tensor([0, 10])  # one object: bounds without a host sync
+    got = compressed_attention(q, k_cmp, v_cmp, *whole)
+    want = reference.compressed_attention(q.double(), k_cmp.double(), v_cmp.double(), *whole)
+    assert relative_error(got, want) < TOLERANCE[dtype]
+    empty = compressed_attention(q, k_cmp[:0], v_cmp[:0], torch.tensor([0, 20]), torch.tensor([0, 0]))
+    assert torch.equal(empty, torch.zeros_like(q))
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (16, 1)])

@@ -21,10 +21,13 @@ def compressed_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q [Nq, Hq, D]; k_cmp, v_cmp [Bk, Hkv, D]; q_token_cu, block_cu [B + 1] -> [Nq, Hq, D] (zeros without blocks)."""
+    if q_token_cu.numel() == 2:  # one object (a reconstruction): it spans both tensors, no host sync needed
+        bounds = [(0, q.shape[0], 0, k_cmp.shape[0])]
+    else:
+        q_cu, b_cu = q_token_cu.tolist(), block_cu.tolist()
+        bounds = [(q_cu[obj], q_cu[obj + 1], b_cu[obj], b_cu[obj + 1]) for obj in range(len(q_cu) - 1)]
     pieces = []
-    q_bounds, b_bounds = q_token_cu.tolist(), block_cu.tolist()
-    for obj in range(len(q_bounds) - 1):
-        q_start, q_end, b_start, b_end = q_bounds[obj], q_bounds[obj + 1], b_bounds[obj], b_bounds[obj + 1]
+    for q_start, q_end, b_start, b_end in bounds:
         if q_end == q_start:
             continue
         if b_end == b_start:
