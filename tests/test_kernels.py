@@ -434,3 +434,32 @@ def test_a_window_selection_is_the_window_branch(seed: int) -> None:
     expected = nsa.window_attention(problem.q, problem.k, problem.v, offsets, query_block)
     for _ in range(2):
         assert torch.equal(nsa.window_attention(problem.q, problem.k, problem.v, offsets, window), expected)
+
+
+@pytest.mark.slow  # about 50 s in the interpreter on a busy 2-core machine
+def test_model_forward_through_the_kernels_builds_each_walk_once(monkeypatch) -> None:
+    """The tiny model's stage 2 through the kernels equals the reference; routing's lists are walked out once."""
+    from backend.model.config import CONFIGS
+    from backend.model.lsrm import LSRM, Views
+    from tests.fields import UniformSphere
+    from tests.test_model import tiny_views
+
+    torch.manual_seed(0)
+    model = LSRM(CONFIGS["tiny"]).to(DEVICE).eval()
+    with torch.no_grad():
+        model.sparse.unpatchify.weight.normal_(0.0, 0.02)  # a non-zero residual, so stage 2 shows in the output
+    views = tiny_views(views=1)
+    views = Views(views.images.to(DEVICE), views.masks.to(DEVICE), [c.to(DEVICE) for c in views.cameras])
+    guide = [UniformSphere(0.6)]
+    with torch.no_grad(), nsa.reference_only():
+        expected = model(views, stages=2, guide=guide).fields[0].sparse_features
+    if not CUDA:
+        monkeypatch.setattr(nsa, "kernels_enabled", lambda x: True)  # CPU tensors through the interpreter
+    walks = []
+    monkeypatch.setattr(
+        ts, "key_steps", lambda *args, **kwargs: walks.append(1) or block_lists.key_steps(*args, **kwargs)
+    )
+    with torch.no_grad():
+        got = model(views, stages=2, guide=guide).fields[0].sparse_features
+    assert len(walks) == 6  # 4 routed pairs and 2 windows, for every block of stage 2
+    assert relative_error(got, expected) < TOLERANCE[torch.float32]
