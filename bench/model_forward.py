@@ -2,7 +2,7 @@
 
     python bench/model_forward.py [--configs small paper] [--views 8 16] [--res 512 768] [--device auto]
                                   [--dtype bfloat16] [--dense-blocks 1] [--nsa kernels|reference]
-                                  [--out out/bench/model_forward.json]
+                                  [--profile] [--out out/bench/model_forward.json]
 
 Random weights predict no surface, so a sphere of radius 0.8 (its SDF and its exact masks) stands in
 for the stage-1 geometry that picks stage 2's tokens; the token counts are printed. Per case: stage-1
@@ -10,7 +10,11 @@ time, the whole forward (stage 1 + token selection + routing + stage 2 with the 
 and, for comparison, dense attention blocks run over the same stage-2 tokens (timed for
 --dense-blocks blocks and scaled to the model's depth; the table says so). Prints a table and writes
 JSON. --nsa picks the NSA ops: `kernels` (the Triton/SDPA kernels where they apply, CUDA) or
-`reference` (the PyTorch reference everywhere). A benchmark, not a test: nothing here asserts a time.
+`reference` (the PyTorch reference everywhere). --profile adds, per case, one forward timed by
+section (`backend.model.timing`: tokenise, stage 1, dense volume, informative tokens, layout +
+routing, kernel lists, each stage-2 block; the device synchronised at every section edge) and one
+forward under torch.profiler (the ops with the most self device time, self CPU time on a CPU), as
+tables and in the JSON. A benchmark, not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from backend.device import device_report, pick_device
 from backend.model.attention import DenseBlock
 from backend.model.config import CONFIGS
 from backend.model.lsrm import LSRM, Views
+from backend.model.timing import section_times
 from kernels.nsa import reference_only
 
 RADIUS = 0.8
@@ -77,7 +82,55 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(name: str, views: int, size: int, device: torch.device, dtype: torch.dtype, dense_blocks: int) -> dict:
+def profile_forward(forward, device: torch.device, top: int = 15) -> dict:
+    """One forward timed by section and one under torch.profiler: {"sections": [...], "top_ops": [...]}."""
+    with section_times(device) as times:
+        forward()
+    sections = [
+        {"section": name, "seconds": t.seconds, "calls": t.calls, "depth": t.depth} for name, t in times.items()
+    ]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        forward()
+        synchronise(device)
+    on_device = device.type == "cuda"
+    events = [e for e in profiler.key_averages() if not e.key.startswith("ProfilerStep")]
+    events.sort(key=lambda e: e.self_device_time_total if on_device else e.self_cpu_time_total, reverse=True)
+    top_ops = [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_device_ms": e.self_device_time_total / 1e3,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+        }
+        for e in events[:top]
+    ]
+    return {"sections": sections, "top_ops": top_ops, "top_ops_by": "self device time" if on_device else "self CPU"}
+
+
+def print_profile(row: dict) -> None:
+    profile = row["profile"]
+    print(f"\n{row['config']} {row['views']} views of {row['resolution']}^2, {row.get('nsa')}: time by section")
+    print(f"{'section':<34}{'calls':>6}{'seconds':>10}")
+    for s in profile["sections"]:
+        print(f"{'  ' * s['depth'] + s['section']:<34}{s['calls']:>6}{s['seconds']:>10.4f}")
+    print(f"top ops by {profile['top_ops_by']}")
+    print(f"{'op':<60}{'calls':>7}{'self dev ms':>13}{'self cpu ms':>13}")
+    for op in profile["top_ops"]:
+        print(f"{op['op'][:59]:<60}{op['calls']:>7}{op['self_device_ms']:>13.2f}{op['self_cpu_ms']:>13.2f}")
+
+
+def run_case(
+    name: str,
+    views: int,
+    size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    dense_blocks: int,
+    profile: bool = False,
+) -> dict:
     config = dataclasses.replace(CONFIGS[name], sparse_image_size=size)
     model = LSRM(config).to(device).eval()
     cameras = ring_cameras(views, size, device)
@@ -95,6 +148,8 @@ def run_case(name: str, views: int, size: int, device: torch.device, dtype: torc
         record.update(prediction.counts)
         if device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if profile:
+            record["profile"] = profile_forward(lambda: model(batch, stages=2, guide=guide), device)
         # Dense attention over the same stage-2 tokens, for comparison.
         v = torch.randn(1, prediction.counts["volume tokens"], config.hidden, device=device)
         i = torch.randn(1, prediction.counts["image tokens"], config.hidden, device=device)
@@ -123,6 +178,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--dense-blocks", type=int, default=1, help="dense blocks to time (scaled to the depth)")
     parser.add_argument("--nsa", default="kernels", choices=["kernels", "reference"], help="NSA ops to run")
+    parser.add_argument("--profile", action="store_true", help="time each section and list the top ops")
     parser.add_argument("--out", type=Path, default=Path("out/bench/model_forward.json"))
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -133,7 +189,7 @@ def main() -> None:
             for size in args.res:
                 try:
                     with reference_only() if args.nsa == "reference" else contextlib.nullcontext():
-                        rows.append(run_case(name, views, size, device, dtype, args.dense_blocks))
+                        rows.append(run_case(name, views, size, device, dtype, args.dense_blocks, args.profile))
                     rows[-1]["nsa"] = args.nsa
                 except torch.OutOfMemoryError as error:
                     rows.append(
@@ -158,6 +214,9 @@ def main() -> None:
             f"{row.get('peak_memory_gib', float('nan')):>10.2f}"
         )
     print("dense s*: dense attention blocks over the same stage-2 tokens, timed for --dense-blocks and scaled")
+    for row in rows:
+        if "profile" in row:
+            print_profile(row)
     print(f"wrote {args.out}")
 
 

@@ -9,6 +9,7 @@ float64 on the same (rounded) inputs; errors are relative Frobenius norms, and a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -335,6 +336,12 @@ def test_compressed_attention_through_sdpa(seed: int) -> None:
     got = compressed_attention(q, k_cmp, v_cmp, q_token_cu, block_cu)
     want = reference.compressed_attention(q.double(), k_cmp.double(), v_cmp.double(), q_token_cu, block_cu)
     assert relative_error(got, want) < TOLERANCE[dtype]
+    whole = torch.tensor([0, 20]), torch.tensor([0, 10])  # one object: bounds without a host sync
+    got = compressed_attention(q, k_cmp, v_cmp, *whole)
+    want = reference.compressed_attention(q.double(), k_cmp.double(), v_cmp.double(), *whole)
+    assert relative_error(got, want) < TOLERANCE[dtype]
+    empty = compressed_attention(q, k_cmp[:0], v_cmp[:0], torch.tensor([0, 20]), torch.tensor([0, 0]))
+    assert torch.equal(empty, torch.zeros_like(q))
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (16, 1)])
@@ -389,3 +396,70 @@ def test_launch_configurations_fit_the_tile() -> None:
     for group in (1, 3, 4, 16, 256):
         configs = ts._query_rows(ts._DKDV_CONFIGS, {}, G=group)
         assert configs and all(c.kwargs["QB"] == c.kwargs["ROWS"] // group >= 1 for c in configs)
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_a_reused_selection_builds_its_walks_once_and_gives_the_same_results(seed: int, tile, monkeypatch) -> None:
+    """Every layer of a forward reads the same routed lists: the first call builds the walks, later ones reuse them."""
+    built = {"walks": 0, "inversions": 0}
+
+    def counted(function, name):
+        def wrapper(*args, **kwargs):
+            built[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(ts, "key_steps", counted(ts.key_steps, "walks"))
+    monkeypatch.setattr(ts, "block_queries", counted(ts.block_queries, "inversions"))
+    problem = make_problem(seed, torch.bfloat16, 16, 1, routed=True)
+    grad_out = torch.randn_like(problem.q)
+    grad_lse = torch.randn(problem.q.shape[:2], device=DEVICE)
+    fresh = kernel_run(problem, grad_out, grad_lse, tile=tile)
+    assert built == {"walks": 1, "inversions": 1}
+    reused = dataclasses.replace(problem, selected=block_lists.Selection(problem.selected))
+    for _ in range(3):
+        for a, b in zip(kernel_run(reused, grad_out, grad_lse, tile=tile), fresh, strict=True):
+            assert torch.equal(a, b)
+    assert built == {"walks": 2, "inversions": 2}
+
+
+def test_a_window_selection_is_the_window_branch(seed: int) -> None:
+    problem = make_problem(seed, torch.bfloat16, 16, 1)
+    offsets = problem.block_offsets
+    query_block = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=DEVICE), offsets.diff())
+    query_block = query_block[: problem.q.shape[0]]
+    window = block_lists.Selection.window(query_block, 1)
+    nsa.prepare(window, offsets, 16, problem.q.shape[-1])  # builds the kernels' walk on CUDA, nothing elsewhere
+    expected = nsa.window_attention(problem.q, problem.k, problem.v, offsets, query_block)
+    for _ in range(2):
+        assert torch.equal(nsa.window_attention(problem.q, problem.k, problem.v, offsets, window), expected)
+
+
+@pytest.mark.slow  # about 50 s in the interpreter on a busy 2-core machine
+def test_model_forward_through_the_kernels_builds_each_walk_once(monkeypatch) -> None:
+    """The tiny model's stage 2 through the kernels equals the reference; routing's lists are walked out once."""
+    from backend.model.config import CONFIGS
+    from backend.model.lsrm import LSRM, Views
+    from tests.fields import UniformSphere
+    from tests.test_model import tiny_views
+
+    torch.manual_seed(0)
+    model = LSRM(CONFIGS["tiny"]).to(DEVICE).eval()
+    with torch.no_grad():
+        model.sparse.unpatchify.weight.normal_(0.0, 0.02)  # a non-zero residual, so stage 2 shows in the output
+    views = tiny_views(views=1)
+    views = Views(views.images.to(DEVICE), views.masks.to(DEVICE), [c.to(DEVICE) for c in views.cameras])
+    guide = [UniformSphere(0.6)]
+    with torch.no_grad(), nsa.reference_only():
+        expected = model(views, stages=2, guide=guide).fields[0].sparse_features
+    if not CUDA:
+        monkeypatch.setattr(nsa, "kernels_enabled", lambda x: True)  # CPU tensors through the interpreter
+    walks = []
+    monkeypatch.setattr(
+        ts, "key_steps", lambda *args, **kwargs: walks.append(1) or block_lists.key_steps(*args, **kwargs)
+    )
+    with torch.no_grad():
+        got = model(views, stages=2, guide=guide).fields[0].sparse_features
+    assert len(walks) == 6  # 4 routed pairs and 2 windows, for every block of stage 2
+    assert relative_error(got, expected) < TOLERANCE[torch.float32]

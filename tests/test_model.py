@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from backend.data.synthetic import sample_scene
 from backend.errors import InputError
 from backend.field import read_blended, read_dense, voxel_centres
+from backend.model.attention import Attention
 from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from backend.model.config import CONFIGS, ModelConfig
 from backend.model.lsrm import LSRM, Views, _fine_voxels, count_parameters, unpatchify
@@ -265,3 +266,31 @@ def test_engine_a_runs_a_checkpoint_through_reconstruct(tmp_path) -> None:
     assert result.path.stat().st_size > 1_000 and result.export_stats
     assert result.training_psnr is None and result.engine == "feedforward"
     assert "feed-forward" in result.timings
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_attention_equals_attention_with_repeated_key_heads(kv_heads: int) -> None:
+    torch.manual_seed(0)
+    attention = Attention(hidden=32, heads=8, kv_heads=kv_heads, head_dim=8)
+    x_q, x_kv = torch.randn(2, 13, 32), torch.randn(2, 7, 32)
+    q, k, v = attention.project(x_q, x_kv)  # [B, N, H, D]
+    group = 8 // kv_heads
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).flatten(-2)
+    torch.testing.assert_close(attention(x_q, x_kv), attention.out(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_sections_are_timed_and_profiled() -> None:
+    from bench.model_forward import profile_forward
+
+    model = LSRM(CONFIGS["tiny"]).eval()
+    views = tiny_views(views=2)
+    with torch.no_grad():
+        report = profile_forward(lambda: model(views, stages=1), torch.device("cpu"), top=5)
+    sections = {s["section"]: s for s in report["sections"]}
+    assert list(sections) == ["tokenise", "stage 1", "dense volume"]
+    assert all(s["calls"] == 1 and s["seconds"] > 0 and s["depth"] == 0 for s in sections.values())
+    assert len(report["top_ops"]) == 5 and report["top_ops_by"] == "self CPU"
+    assert all(op["op"] and op["calls"] >= 1 and op["self_cpu_ms"] >= 0 for op in report["top_ops"])
+    assert report["top_ops"][0]["self_cpu_ms"] >= report["top_ops"][-1]["self_cpu_ms"] > 0

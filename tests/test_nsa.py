@@ -8,7 +8,7 @@ import torch
 from backend.model.blocks import partition
 from backend.model.nsa import NSACrossAttention, nsa_attention
 from backend.model.routing import per_kv_head
-from kernels.nsa import block_pool, compressed_attention, selected_attention, window_attention
+from kernels.nsa import Selection, block_pool, compressed_attention, selected_attention, window_attention
 
 
 @dataclass
@@ -331,3 +331,18 @@ def test_cross_attention_without_window_and_bf16() -> None:
     with pytest.raises(ValueError, match="window"):
         module(x_q, x_kv, keys=keys, query_cu=query_cu, query_block=torch.zeros(15, dtype=torch.long))
     assert set(dict(module.named_parameters())) >= {"q.weight", "kv.weight", "out.weight", "gate.weight"}
+
+
+def test_module_takes_selections_that_calls_share() -> None:
+    """Routing's lists and the window lists as `Selection`s (built once per forward) give what plain lists give."""
+    generator = torch.Generator().manual_seed(21)
+    torch.manual_seed(21)
+    module = NSACrossAttention(32, 8, 2, 8)
+    keys = voxel_keys(generator)
+    x = torch.randn(int(keys.token_cu[-1]), 32, generator=generator)
+    lists = all_blocks(keys, keys.token_cu, 2)
+    expected = module(x, x, keys=keys, query_cu=keys.token_cu, selected=lists, query_block=keys.token_block)
+    selection, window = Selection(lists), Selection.window(keys.token_block, 2)
+    for _ in range(2):
+        got = module(x, x, keys=keys, query_cu=keys.token_cu, selected=selection, query_block=window)
+        assert torch.equal(got, expected)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.grouped_sdpa import grouped_attention
+
 from .config import ModelConfig
 
 PAIRS = ("vv", "vi", "ii", "iv")  # query set, key set: volume or image
@@ -39,13 +41,7 @@ class Attention(nn.Module):
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         """x_q [B, Nq, C], x_kv [B, Nk, C] -> [B, Nq, C]."""
-        q, k, v = self.project(x_q, x_kv)
-        group = self.heads // self.kv_heads
-        # [B, heads, N, D]; KV heads repeated over their query group (SDPA's enable_gqa is not on every backend).
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out(out.transpose(1, 2).flatten(-2))
+        return self.out(grouped_attention(*self.project(x_q, x_kv)).flatten(-2))
 
 
 class MLP(nn.Module):

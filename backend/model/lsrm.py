@@ -26,7 +26,16 @@ from ..field import FieldDecoder, GridField, SurfaceField, read_dense, voxel_cen
 from ..progress import Progress, no_progress
 from .attention import DenseBlock
 from .config import ModelConfig
-from .sparse import SparseBlock, build_layout, foreground_patches, informative_voxels, patch_points, route
+from .sparse import (
+    SparseBlock,
+    build_layout,
+    foreground_patches,
+    informative_voxels,
+    patch_points,
+    prepare_kernel_lists,
+    route,
+)
+from .timing import section
 from .tokens import ImageTokenizer, VolumeEmbedding
 
 
@@ -149,20 +158,22 @@ class LSRM(nn.Module):
         stage 2 while stage 1 is untrained.
         """
         config = self.config
-        low = views.resized(config.image_size)
-        batch, count = low.images.shape[:2]
-
-        image = self.dense.image_input(low)  # [B, V, h, w, C]
-        patch_grid = image.shape[2:4]
-        i = image.flatten(1, 3)
-        v = self.dense.volume_tokens.grid().expand(batch, -1, -1)
-        for index, block in enumerate(self.dense.blocks):
-            v, i = self._run(block, v, i)
-            progress("stage 1", (index + 1) / len(self.dense.blocks))
-        dense = unpatchify(
-            self.dense.unpatchify(self.dense.norm(v)), config.volume_tokens, config.upsample, config.channels
-        )
-        dense_fields = [self.field(dense[b]) for b in range(batch)]
+        with section("tokenise"):
+            low = views.resized(config.image_size)
+            batch, count = low.images.shape[:2]
+            image = self.dense.image_input(low)  # [B, V, h, w, C]
+            patch_grid = image.shape[2:4]
+            i = image.flatten(1, 3)
+            v = self.dense.volume_tokens.grid().expand(batch, -1, -1)
+        with section("stage 1"):
+            for index, block in enumerate(self.dense.blocks):
+                v, i = self._run(block, v, i)
+                progress("stage 1", (index + 1) / len(self.dense.blocks))
+        with section("dense volume"):
+            dense = unpatchify(
+                self.dense.unpatchify(self.dense.norm(v)), config.volume_tokens, config.upsample, config.channels
+            )
+            dense_fields = [self.field(dense[b]) for b in range(batch)]
         counts = {"stage-1 volume tokens": v.shape[1], "stage-1 image tokens": i.shape[1]}
         if stages == 1:
             return Prediction(dense_fields, dense_fields, counts)
@@ -171,7 +182,7 @@ class LSRM(nn.Module):
         p, r2 = config.patch_size, config.sparse_volume_tokens
         guide = dense_fields if guide is None else guide
         device = dense.device
-        with torch.no_grad():
+        with torch.no_grad(), section("informative tokens"):
             voxels = [
                 self._cap(informative_voxels(g, r2, config.sdf_threshold, config.sdf_subsamples, device), g, r2)
                 for g in guide
@@ -182,42 +193,48 @@ class LSRM(nn.Module):
             # No surface near any voxel (an untrained stage 1) or no foreground: the dense field is the answer.
             counts.update({"volume tokens": 0, "image tokens": 0})
             return Prediction(dense_fields, dense_fields, counts)
-        layout = build_layout(voxels, patches, points, config)
-        if config.routing == "3d":
-            route(layout, high.cameras, config)
+        with section("layout + routing"):
+            layout = build_layout(voxels, patches, points, config)
+            if config.routing == "3d":
+                route(layout, high.cameras, config)
+        with section("kernel lists"):
+            prepare_kernel_lists(layout, config)
         counts.update(layout.counts)
 
         # Stage-2 tokens: the stage-1 output tokens, upsampled to the finer grids, plus the new positions / patches.
-        image_object = layout.image.block_object[layout.image.token_block]
-        i_low = i.reshape(batch, count, *patch_grid, -1).permute(0, 1, 4, 2, 3).flatten(0, 1)
-        high_grid = (config.sparse_image_size // p, config.sparse_image_size // p)
-        i_up = F.interpolate(i_low, size=high_grid, mode="bilinear", align_corners=False)
-        i_up = i_up.reshape(batch, count, -1, *i_up.shape[-2:]).permute(0, 1, 3, 4, 2)  # [B, V, h2, w2, C]
-        i_high = self.sparse.image_input(high) + i_up
-        view, row, col = layout.image_patches.unbind(-1)
-        i2 = i_high[image_object, view, row, col]
+        with section("stage-2 tokens"):
+            image_object = layout.image.block_object[layout.image.token_block]
+            i_low = i.reshape(batch, count, *patch_grid, -1).permute(0, 1, 4, 2, 3).flatten(0, 1)
+            high_grid = (config.sparse_image_size // p, config.sparse_image_size // p)
+            i_up = F.interpolate(i_low, size=high_grid, mode="bilinear", align_corners=False)
+            i_up = i_up.reshape(batch, count, -1, *i_up.shape[-2:]).permute(0, 1, 3, 4, 2)  # [B, V, h2, w2, C]
+            i_high = self.sparse.image_input(high) + i_up
+            view, row, col = layout.image_patches.unbind(-1)
+            i2 = i_high[image_object, view, row, col]
 
-        volume_object = layout.volume.block_object[layout.volume.token_block]
-        r1 = config.volume_tokens
-        v_grid = v.transpose(1, 2).reshape(batch, -1, r1, r1, r1)
-        v_up = F.interpolate(v_grid, size=(r2, r2, r2), mode="trilinear", align_corners=False)
-        x, y, z = layout.volume_voxels.unbind(-1)
-        v2 = v_up[volume_object, :, x, y, z] + self.sparse.volume_tokens.at(layout.volume_voxels, r2)
+            volume_object = layout.volume.block_object[layout.volume.token_block]
+            r1 = config.volume_tokens
+            v_grid = v.transpose(1, 2).reshape(batch, -1, r1, r1, r1)
+            v_up = F.interpolate(v_grid, size=(r2, r2, r2), mode="trilinear", align_corners=False)
+            x, y, z = layout.volume_voxels.unbind(-1)
+            v2 = v_up[volume_object, :, x, y, z] + self.sparse.volume_tokens.at(layout.volume_voxels, r2)
 
         for index, block in enumerate(self.sparse.blocks):
-            v2, i2 = self._run(block, v2, i2, layout)
+            with section(f"stage 2 block {index}"):
+                v2, i2 = self._run(block, v2, i2, layout)
             progress("stage 2", (index + 1) / len(self.sparse.blocks))
 
-        residual = self.sparse.unpatchify(self.sparse.norm(v2))  # [Mv, u^3 * C]
-        fine_voxels, residual = _fine_voxels(layout.volume_voxels, residual, config.upsample, config.channels)
-        fine_object = volume_object.repeat_interleave(config.upsample**3)
-        fine_resolution = config.field.sparse_resolution
-        fields = []
-        for b in range(batch):
-            mine = fine_object == b
-            centres = voxel_centres(fine_voxels[mine], fine_resolution).to(dense)
-            features = read_dense(dense[b], centres) + residual[mine]
-            fields.append(self.field(dense[b], fine_voxels[mine], features))
+        with section("sparse field"):
+            residual = self.sparse.unpatchify(self.sparse.norm(v2))  # [Mv, u^3 * C]
+            fine_voxels, residual = _fine_voxels(layout.volume_voxels, residual, config.upsample, config.channels)
+            fine_object = volume_object.repeat_interleave(config.upsample**3)
+            fine_resolution = config.field.sparse_resolution
+            fields = []
+            for b in range(batch):
+                mine = fine_object == b
+                centres = voxel_centres(fine_voxels[mine], fine_resolution).to(dense)
+                features = read_dense(dense[b], centres) + residual[mine]
+                fields.append(self.field(dense[b], fine_voxels[mine], features))
         return Prediction(fields, dense_fields, counts)
 
     def _cap(self, voxels: torch.Tensor, field: SurfaceField, resolution: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from backend.model.blocks import TokenBlocks
 from backend.model.routing import per_kv_head, score_routing
-from kernels.nsa import block_pool, compressed_attention, selected_attention, window_attention
+from kernels.nsa import Selection, block_pool, compressed_attention, selected_attention, window_attention
 
 BRANCHES = ("compressed", "selected", "window")
 
@@ -53,8 +53,8 @@ def nsa_attention(
     block_offsets: torch.Tensor,
     block_cu: torch.Tensor,
     query_cu: torch.Tensor,
-    selected: torch.Tensor | None = None,
-    query_block: torch.Tensor | None = None,
+    selected: torch.Tensor | Selection | None = None,
+    query_block: torch.Tensor | Selection | None = None,
     branches: Sequence[str] = BRANCHES,
     scale: float | None = None,
     chunk_size: int | None = None,
@@ -65,7 +65,8 @@ def nsa_attention(
     compressed branch); gates [Nq, len(branches), Hq, D] are the branch weights themselves (already
     through the sigmoid), in the order of `branches`. block_offsets [Bk + 1], block_cu [B + 1] and
     query_cu [B + 1] as in `kernels.nsa`; selected [Nq, Hkv, n] for the selected branch;
-    query_block [Nq] (the key block of each query) for the window branch.
+    query_block [Nq] (the key block of each query) for the window branch; either may be a
+    `Selection` (`Selection.window` for the window) that carries the kernels' walks across calls.
     """
     if gates.shape != (q.shape[0], len(branches), *q.shape[1:]):
         raise ValueError(f"gates must be [Nq, {len(branches)}, Hq, D], got {tuple(gates.shape)}")
@@ -157,9 +158,9 @@ class NSACrossAttention(nn.Module):
         *,
         keys: TokenBlocks,
         query_cu: torch.Tensor,
-        selected: torch.Tensor | None = None,
+        selected: torch.Tensor | Selection | None = None,
         top_n: int = 16,
-        query_block: torch.Tensor | None = None,
+        query_block: torch.Tensor | Selection | None = None,
         chunk_size: int | None = None,
         shard: KeyShard | None = None,
     ) -> torch.Tensor:
@@ -167,8 +168,10 @@ class NSACrossAttention(nn.Module):
 
         keys: the partition of the key tokens; query_cu [B + 1]: the queries of each object.
         selected: block lists [Nq, Hkv, n] or [Nq, n] (shared by the KV heads), e.g. from 3D-aware
-        routing; when None, NSA's score routing picks top_n blocks from the compressed keys.
-        query_block [Nq]: each query's own key block, required exactly when "window" is a branch.
+        routing, or a `Selection` of [Nq, Hkv, n] lists fixed for a whole forward (the kernels then
+        build their walks once); when None, NSA's score routing picks top_n blocks from the compressed keys.
+        query_block [Nq]: each query's own key block (or its `Selection.window`), required exactly
+        when "window" is a branch.
         shard: under sequence parallelism, x_kv holds only this rank's whole key blocks: they are
         compressed here, then keys, values and compressed ones are gathered from every rank; `keys`,
         `selected` and `query_block` stay global (block indices of all ranks).
@@ -189,7 +192,7 @@ class NSACrossAttention(nn.Module):
             k, v = shard.gather_tokens(kv).unbind(1)
         if need_scores:
             selected = score_routing(q.detach(), k_cmp.detach(), query_cu, keys.block_cu, top_n)
-        elif selected is not None and selected.ndim == 2:
+        elif isinstance(selected, torch.Tensor) and selected.ndim == 2:
             selected = per_kv_head(selected, self.kv_heads)
         gates = torch.sigmoid(self.gate(x_q)).view(num_queries, len(self.branches), self.heads, self.head_dim)
         out = nsa_attention(

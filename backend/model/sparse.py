@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels.nsa import Selection, prepare
+
 from ..cameras import Cameras, pixel_rays
 from ..field import SurfaceField, near_surface_voxels, voxel_centres
 from ..render import RenderOptions, peak_points
@@ -84,7 +86,8 @@ class SparseLayout:
     volume_points: torch.Tensor  # [Mv, 3] their centres, canonical frame
     image_patches: torch.Tensor  # [Mi, 3] (view, row, col) (sorted order)
     image_points: torch.Tensor  # [Mi, 3] 3D points of image tokens (opacity peaks of the stage-1 field)
-    selected: dict[str, torch.Tensor | None]  # per pair "vv", "vi", "ii", "iv": [Mq, kv_heads, n] or None (score)
+    selected: dict[str, Selection | None]  # per pair "vv", "vi", "ii", "iv": lists [Mq, kv_heads, n]; None: score
+    windows: dict[str, Selection]  # per set "v", "i": each token's own block, the window branch's one-entry lists
 
     @property
     def counts(self) -> dict[str, int]:
@@ -114,7 +117,19 @@ def route(layout: SparseLayout, cameras: list[Cameras], config: ModelConfig) -> 
                 config.image_candidates_per_view,
                 n,
             )
-        layout.selected[pair] = per_kv_head(chosen, config.kv_heads)
+        layout.selected[pair] = Selection(per_kv_head(chosen, config.kv_heads))
+
+
+@torch.no_grad()
+def prepare_kernel_lists(layout: SparseLayout, config: ModelConfig) -> None:
+    """Build the kernels' walks of every fixed selection now (a no-op off CUDA), once for all blocks."""
+    keys = {"v": layout.volume, "i": layout.image}
+    for pair, selection in layout.selected.items():
+        if selection is not None:
+            prepare(selection, keys[pair[1]].block_offsets, config.heads, config.head_dim)
+    if config.window:
+        for name, selection in layout.windows.items():
+            prepare(selection, keys[name].block_offsets, config.heads, config.head_dim)
 
 
 class SparseBlock(TokenBlock):
@@ -145,13 +160,13 @@ class SparseBlock(TokenBlock):
         updates = {}
         for pair in self.pairs:
             (x_q, query_blocks), (x_kv, key_blocks) = sets[pair[0]], sets[pair[1]]
-            own_block = key_blocks.token_block if pair[0] == pair[1] and self.window else None
+            own_block = layout.windows[pair[0]] if pair[0] == pair[1] and self.window else None
             query_cu, selected, key_shard = query_blocks.token_cu, layout.selected[pair], None
             if shard is not None:  # this rank's queries; the layout's block indices stay global
                 rows, key_shard = shard[pair[0]].rows, shard[pair[1]]
                 query_cu = shard[pair[0]].query_cu
-                selected = selected[rows] if selected is not None else None
-                own_block = own_block[rows] if own_block is not None else None
+                selected = selected.blocks[rows] if selected is not None else None
+                own_block = key_blocks.token_block[rows] if own_block is not None else None
             updates[pair] = self.attention[pair](
                 x_q,
                 x_kv,
@@ -193,4 +208,8 @@ def build_layout(
         image_patches=patches,
         image_points=image.sort(torch.cat(image_points)),
         selected={pair: None for pair in PAIRS},
+        windows={
+            "v": Selection.window(volume.token_block, config.kv_heads),
+            "i": Selection.window(image.token_block, config.kv_heads),
+        },
     )

@@ -10,15 +10,48 @@
   key lanes cut into steps of `step` lanes (`STEP`). Unpacked, every block starts a fresh step (a
   block costs ceil(size / step) steps, as in v1); packed, blocks follow one another in the stream,
   so the keys of several small blocks share one step (at most `WINDOW` blocks a step).
+- `Selection`: lists that several calls read (every layer of a forward under 3D routing), carrying
+  what the kernels derived from them, so the sorts and host syncs above run once, not per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
+from kernels.nsa.reference import window_selection
+
+_Derived = TypeVar("_Derived")
+
 _NONE = torch.iinfo(torch.int32).max  # sorts after every real block index
+
+
+@dataclass(eq=False)
+class Selection:
+    """Block lists blocks [Nq, Hkv, n] (-1 = empty) that stay fixed across calls, and what was derived from them.
+
+    The NSA ops take a Selection wherever they take lists. Kernels derive their walks from the lists
+    (tile choice, `key_steps`, `block_queries`: sorts and host syncs) through `derived`, which builds
+    each thing on first use and keeps it, so every later call with the same object reuses it. The
+    lists must not change in place while the object is in use.
+    """
+
+    blocks: torch.Tensor
+    _derived: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def window(cls, query_block: torch.Tensor, kv_heads: int) -> Selection:
+        """The window branch's one-entry lists: each query's own block (query_block [Nq], -1 = none)."""
+        return cls(window_selection(query_block, kv_heads))
+
+    def derived(self, key: Hashable, build: Callable[[], _Derived]) -> _Derived:
+        """build(), computed on the first call with this key and returned from then on."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
 
 def tile_lists(selected: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ score matrix. Same semantics as `kernels.nsa.reference.compressed_attention`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kernels.grouped_sdpa import grouped_attention
 
 
 def compressed_attention(
@@ -20,19 +21,18 @@ def compressed_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q [Nq, Hq, D]; k_cmp, v_cmp [Bk, Hkv, D]; q_token_cu, block_cu [B + 1] -> [Nq, Hq, D] (zeros without blocks)."""
-    group = q.shape[1] // k_cmp.shape[1]
+    if q_token_cu.numel() == 2:  # one object (a reconstruction): it spans both tensors, no host sync needed
+        bounds = [(0, q.shape[0], 0, k_cmp.shape[0])]
+    else:
+        q_cu, b_cu = q_token_cu.tolist(), block_cu.tolist()
+        bounds = [(q_cu[obj], q_cu[obj + 1], b_cu[obj], b_cu[obj + 1]) for obj in range(len(q_cu) - 1)]
     pieces = []
-    q_bounds, b_bounds = q_token_cu.tolist(), block_cu.tolist()
-    for obj in range(len(q_bounds) - 1):
-        q_start, q_end, b_start, b_end = q_bounds[obj], q_bounds[obj + 1], b_bounds[obj], b_bounds[obj + 1]
+    for q_start, q_end, b_start, b_end in bounds:
         if q_end == q_start:
             continue
         if b_end == b_start:
             pieces.append(torch.zeros_like(q[q_start:q_end]))  # no block to attend to
             continue
-        # [1, H, L, D] views; the few compressed keys are expanded to every query head (any SDPA backend).
-        keys = k_cmp[b_start:b_end].repeat_interleave(group, dim=1).transpose(0, 1)[None]
-        values = v_cmp[b_start:b_end].repeat_interleave(group, dim=1).transpose(0, 1)[None]
-        result = F.scaled_dot_product_attention(q[q_start:q_end].transpose(0, 1)[None], keys, values, scale=scale)
-        pieces.append(result[0].transpose(0, 1))
+        keys, values = k_cmp[None, b_start:b_end], v_cmp[None, b_start:b_end]
+        pieces.append(grouped_attention(q[None, q_start:q_end], keys, values, scale)[0])
     return torch.cat(pieces) if pieces else torch.zeros_like(q)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nsa.block_lists import KeySteps, block_queries, key_steps, sharing
+from kernels.nsa.block_lists import KeySteps, Selection, block_queries, key_steps, sharing
 
 LOG2E = 1.4426950408889634
 TILE_ROWS = 64  # query rows (T * G) of a program when neighbouring queries are tiled together
@@ -300,7 +300,7 @@ def selected_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     block_offsets: torch.Tensor,
-    selected: torch.Tensor,
+    selected: torch.Tensor | Selection,
     scale: float | None = None,
     *,
     tile: int | None = None,
@@ -310,16 +310,54 @@ def selected_attention(
 
     q [Nq, Hq, D]; k, v [Nk, Hkv, D]; block_offsets [Bk + 1] covering the keys (block_offsets[0] = 0,
     block_offsets[-1] = Nk); selected [Nq, Hkv, n] global block indices, -1 empty, repeats count
-    once. tile: queries per program, at most `MAX_TILE` (None: `choose_tile`); pack: share steps
-    between small blocks (None: where it saves steps, `block_lists.key_steps`). Gradients flow to
-    q, k, v, through the output and the lse.
+    once, or a `Selection` of them whose walks earlier calls built (`prepare`). tile: queries per
+    program, at most `MAX_TILE` (None: `choose_tile`); pack: share steps between small blocks (None:
+    where it saves steps, `block_lists.key_steps`). Gradients flow to q, k, v, through the output and the lse.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if tile is None:
-        tile = choose_tile(selected, q.shape[1] // k.shape[1])
-    if not 1 <= tile <= MAX_TILE:
-        raise ValueError(f"tile must be 1..{MAX_TILE} queries, got {tile}")
-    return _SelectedAttention.apply(q, k, v, block_offsets, selected, scale, tile, pack)
+    selection = selected if isinstance(selected, Selection) else Selection(selected)
+    offsets = block_offsets.to(device=q.device, dtype=torch.long).contiguous()
+    tile, steps = prepare(selection, offsets, q.shape[1] // k.shape[1], q.shape[-1], tile, pack)
+    return _SelectedAttention.apply(q, k, v, offsets, selection, steps, scale, tile)
+
+
+def prepare(
+    selection: Selection,
+    block_offsets: torch.Tensor,
+    group: int,
+    head_dim: int,
+    tile: int | None = None,
+    pack: bool | None = None,
+) -> tuple[int, KeySteps]:
+    """The tile and the forward / dq walk for these lists, built on the first call and kept in `selection`.
+
+    Keyed by the offsets tensor itself (kept alive with the entry, so no other tensor takes its id).
+    """
+
+    def build() -> tuple[torch.Tensor, int, KeySteps]:
+        lists = _lists(selection)
+        chosen = choose_tile(lists, group) if tile is None else tile
+        if not 1 <= chosen <= MAX_TILE:
+            raise ValueError(f"tile must be 1..{MAX_TILE} queries, got {chosen}")
+        return block_offsets, chosen, plan(lists, block_offsets, head_dim, chosen, pack)
+
+    _, chosen, steps = selection.derived(("walk", id(block_offsets), group, head_dim, tile, pack), build)
+    return chosen, steps
+
+
+def _lists(selection: Selection) -> torch.Tensor:
+    blocks = selection.blocks
+    return blocks if blocks.stride(-1) == 1 else blocks.contiguous()
+
+
+def _inverted(selection: Selection, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_queries` of the selection over these blocks, built once (the dk/dv walk)."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return offsets, *block_queries(_lists(selection), offsets.numel() - 1)
+
+    _, pointers, queries = selection.derived(("queries", id(offsets)), build)
+    return pointers, queries
 
 
 def plan(
@@ -332,21 +370,20 @@ def plan(
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_offsets, selected, scale, tile, pack):
+    def forward(ctx, q, k, v, offsets, selection, steps, scale, tile):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        offsets = block_offsets.to(device=q.device, dtype=torch.long).contiguous()
-        selected = selected if selected.stride(-1) == 1 else selected.contiguous()
-        steps = plan(selected, offsets, q.shape[-1], tile, pack)
         out, lse = forward(q, k, v, steps, scale, tile)
-        ctx.save_for_backward(q, k, v, out, lse, offsets, selected, *steps.tensors())
-        ctx.scale, ctx.tile, ctx.packed, ctx.direct = scale, tile, steps.packed, steps.direct
+        ctx.save_for_backward(q, k, v, out, lse)
+        # The lists and walks are no activations: they live in `selection`, shared by every call on it.
+        ctx.offsets, ctx.selection, ctx.steps, ctx.scale, ctx.tile = offsets, selection, steps, scale, tile
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, offsets, selected, *step_tensors = ctx.saved_tensors
-        steps = KeySteps(*step_tensors, packed=ctx.packed, direct=ctx.direct)
-        dq, dk, dv = backward(q, k, v, out, lse, grad_out, grad_lse, offsets, selected, steps, ctx.scale, ctx.tile)
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(
+            q, k, v, out, lse, grad_out, grad_lse, ctx.offsets, ctx.selection, ctx.steps, ctx.scale, ctx.tile
+        )
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -391,7 +428,7 @@ def backward(
     grad_out: torch.Tensor | None,
     grad_lse: torch.Tensor | None,
     offsets: torch.Tensor,
-    selected: torch.Tensor,
+    selected: torch.Tensor | Selection,
     steps: KeySteps,
     scale: float,
     tile: int,
@@ -425,7 +462,8 @@ def backward(
             PRECISION=precision, UPCAST=_interpreting(),
         )  # fmt: skip
     if num_blocks and num_keys:
-        pointers, queries = block_queries(selected, num_blocks)
+        selection = selected if isinstance(selected, Selection) else Selection(selected)
+        pointers, queries = _inverted(selection, offsets)
         rows = _rows_of(group, max(1, TILE_ROWS // group))
         _launch(
             _dkdv_kernel, (num_blocks, kv_heads),
