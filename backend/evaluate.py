@@ -134,7 +134,7 @@ def prepare_inputs(
 ) -> list[str]:
     """Render every asset's input bundle, relit test views and surface samples into out/<name>/; return the names.
 
-    out/inputs.json records the names and the render settings, which the score phase reuses.
+    out/inputs.json records the names prepared so far and the render settings, which the score phase reuses.
     """
     if not assets:
         raise InputError("no asset given; name at least one .glb, .gltf or .obj file")
@@ -145,12 +145,17 @@ def prepare_inputs(
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; give a folder to write the results into")
     names = _unique_names(assets)
-    for name, asset in zip(names, assets, strict=True):
+    for done, (name, asset) in enumerate(zip(names, assets, strict=True), start=1):
         prepare_asset(asset, out / name, config, _prefixed(progress, name))
-    index = {"assets": names, "settings": render_settings(config)}
-    with atomic_file(out / INPUTS_INDEX) as tmp:
-        tmp.write_text(json.dumps(index, indent=2), encoding="utf-8")
+        write_inputs_index(out, names[:done], config)  # after each asset: an interrupted run keeps what it made
     return names
+
+
+def write_inputs_index(out: Path, names: list[str], config: EvaluateConfig) -> None:
+    """out/inputs.json: the prepared assets' names and the render settings the score phase must reuse."""
+    index = {"assets": names, "settings": render_settings(config)}
+    with atomic_file(Path(out) / INPUTS_INDEX) as tmp:
+        tmp.write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 def render_settings(config: EvaluateConfig) -> dict:

@@ -36,7 +36,7 @@ pack)
     ;;
 run)
     LIMIT=${2:-560}
-    if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil, xatlas, fast_simplification" 2>/dev/null; then
+    if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil, xatlas, fast_simplification, skimage, pygltflib" 2>/dev/null; then
         python -m pip install --quiet --no-index --no-deps .whl/*.whl
     fi
     export PYTHONPATH=$PWD
