@@ -8,7 +8,8 @@ DIR is what `python -m backend evaluate ASSET... --out DIR --phase inputs` prepa
 and DIR/<name>/bundle/ are read). Per preset and asset, backend.evaluate.reconstruct_prepared writes
 RUN/<preset>/<name>.glb and RUN/<preset>/<name>.json: wall time, stage times, peak GPU memory, training
 PSNR, or the error when it failed. A failing asset does not stop the others; runs not started before
---deadline-s are recorded as skipped. Needs no Blender. Prints a line per run and a table, writes
+--deadline-s are recorded as skipped; runs that RUN already holds (GLB + record without error) are kept,
+so calling it again resumes. Needs no Blender. Prints a line per run and a table, writes
 RUN/<preset>/summary.json. Score each preset afterwards (with Blender):
     python -m backend evaluate --phase score --out DIR --reconstructions RUN/<preset>
 A benchmark, not a test.
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 from backend.atomic import atomic_file  # noqa: E402
 from backend.device import device_report, pick_device  # noqa: E402
-from backend.evaluate import INPUTS_INDEX, EvaluateConfig, reconstruct_prepared  # noqa: E402
+from backend.evaluate import INPUTS_INDEX, EvaluateConfig, load_reconstructions, reconstruct_prepared  # noqa: E402
 from backend.presets import PRESETS  # noqa: E402
 from backend.reconstruct import ENGINES  # noqa: E402
 
@@ -78,7 +79,10 @@ def main() -> None:
         out = args.out / preset
         out.mkdir(parents=True, exist_ok=True)
         elapsed = time.perf_counter() - begin
-        if args.deadline_s is not None and elapsed > args.deadline_s:
+        earlier = load_reconstructions(out, [name])[name]  # a GLB an earlier call made is kept: calls resume
+        if "error" not in earlier:
+            record = earlier
+        elif args.deadline_s is not None and elapsed > args.deadline_s:
             record = {"preset": preset, "error": f"skipped: the {args.deadline_s:.0f} s deadline had passed"}
             write_json(out / f"{name}.json", record)
         else:
@@ -88,10 +92,11 @@ def main() -> None:
         rows.append({"preset": preset, "asset": name, **record})
         print(f"[{number}/{len(runs)}] {preset} {name}: {summary_line(record)}", flush=True)
 
-    for preset in args.presets:  # one summary per preset folder, so presets may run in parallel processes
-        own = [row for row in rows if row["preset"] == preset]
+    for preset in args.presets:  # per preset folder, from the records there: processes may share a preset
+        folder = args.out / preset
+        own = [{"asset": name, **record} for name, record in load_reconstructions(folder, index["assets"]).items()]
         report = {**device_report(device), "dtype": "float32", "inputs": index["settings"], "rows": own}
-        write_json(args.out / preset / "summary.json", report)
+        write_json(folder / "summary.json", report)
     print(f"\n{'preset':<10}{'asset':<20}{'engine':<12}{'s/object':>10}{'peak GiB':>10}{'train dB':>10}")
     for row in rows:
         if "error" in row:

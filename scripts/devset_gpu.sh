@@ -9,10 +9,12 @@
 #   here: scripts/devset_gpu.sh unpack RUN PARTS_DIR... # join the parts (checksums checked) and untar into RUN
 #   here: python -m backend evaluate --phase score --out out/devset_gpu --reconstructions RUN/<preset>
 #
-# `run` finishes within SECONDS (default 560). With two GPUs or more, GPU 0 runs `standard` on every
-# asset while GPU 1 runs `fast`, then profiles `standard` once (bench/profile_refine.py), then `high` on
-# HIGH_ASSETS (default "barrel synthetic_1") as time allows; with one GPU the same work runs in that order, standard
-# first. CHECKPOINT=path adds --checkpoint (the presets' own engines); without it every preset refines.
+# `run` finishes within SECONDS (default 560) and resumes: a second call keeps every GLB already made.
+# With two GPUs or more, GPU 0 runs `standard` on every asset, then `high` on the second of HIGH_ASSETS
+# (default "barrel synthetic_1"); GPU 1 runs `fast`, profiles `standard` once (bench/profile_refine.py),
+# then `high` on the first; an object starts only when its preset's time still fits (110 s standard,
+# 40 s fast, 300 s high). With one GPU the same work runs in that order. Two calls of 560 s give the
+# whole table. CHECKPOINT=path adds --checkpoint (the presets' own engines); without it all refine.
 # Wheels in .whl/ are installed first when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,22 +53,25 @@ run)
         timeout "$(left)" python bench/devset_reconstruct.py "$PAYLOAD" --out "$RUN" "${EXTRA[@]}" \
             --deadline-s "$(($(left) - per))" "$@" || true
     }
-    lane_standard() { reconstruct 110 --presets standard; }
-    lane_rest() {
+    lane_0() { # standard on every asset, then high on the second HIGH asset
+        reconstruct 110 --presets standard
+        if [ "${#HIGH[@]}" -gt 1 ]; then reconstruct 300 --presets high --assets "${HIGH[@]:1}"; fi
+    }
+    lane_1() { # fast on every asset, the profile once, then high on the first HIGH asset
         reconstruct 40 --presets fast
-        if [ "$(left)" -gt 200 ]; then
+        if [ ! -f "$RUN/profile/profile.json" ] && [ "$(left)" -gt 200 ]; then
             timeout "$(left)" python bench/profile_refine.py --preset standard --device cuda --out "$RUN/profile" || true
         fi
-        if [ "$(left)" -gt 200 ]; then reconstruct 200 --presets high --assets "${HIGH[@]}"; fi
+        reconstruct 300 --presets high --assets "${HIGH[0]}"
     }
     GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
     nvidia-smi --query-gpu=name,memory.total --format=csv > "$RUN/logs/gpus.csv" || true
     if [ "$GPUS" -ge 2 ]; then
-        CUDA_VISIBLE_DEVICES=0 lane_standard > "$RUN/logs/gpu0.log" 2>&1 &
-        CUDA_VISIBLE_DEVICES=1 lane_rest > "$RUN/logs/gpu1.log" 2>&1 &
+        CUDA_VISIBLE_DEVICES=0 lane_0 >> "$RUN/logs/gpu0.log" 2>&1 &
+        CUDA_VISIBLE_DEVICES=1 lane_1 >> "$RUN/logs/gpu1.log" 2>&1 &
         wait
     else
-        { lane_standard; lane_rest; } > "$RUN/logs/gpu0.log" 2>&1
+        { lane_0; lane_1; } >> "$RUN/logs/gpu0.log" 2>&1
     fi
     tail -n 30 "$RUN"/logs/gpu*.log
     ls -la "$RUN"/*/

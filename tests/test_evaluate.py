@@ -168,6 +168,7 @@ def test_evaluate_runs_end_to_end_on_a_small_synthetic_asset(bpy, tmp_path, monk
 
 
 @pytest.mark.blender
+@pytest.mark.slow  # ~60 s here with other work running; the phases themselves run fast in the test above
 def test_the_split_phases_score_a_reconstruction_made_elsewhere(bpy, tmp_path, monkeypatch, capsys):
     """inputs (CLI) -> reconstruct_prepared's record and GLB in a run folder -> score (CLI), on one small GLB.
 
@@ -243,13 +244,23 @@ def test_devset_reconstruct_records_failures_and_needs_no_blender(tmp_path, monk
     summary = json.loads((run / "cpu" / "summary.json").read_text())
     assert [(row["asset"], row["preset"]) for row in summary["rows"]] == [("broken", "cpu"), ("missing", "cpu")]
 
-    # In-process (no second interpreter start): a deadline already passed starts nothing and says so.
+    # In-process (no second interpreter start): a deadline already passed starts nothing and says so,
+    # and what an earlier call made (GLB + record) is kept, so a second call resumes.
+    earlier = {"preset": "fast", "engine": "refine", "seconds": 31.0, "peak_gpu_memory_bytes": 2**30}
+    earlier.update(timings={"coarse": 20.0, "total": 31.0}, training_psnr=30.0)
+    (run / "fast").mkdir()
+    (run / "fast" / "broken.json").write_text(json.dumps(earlier))
+    (run / "fast" / "broken.glb").write_bytes(b"glTF")
     spec = importlib.util.spec_from_file_location("devset_reconstruct", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(sys, "argv", [*command[1:4], str(run), "--presets", "fast", "--deadline-s", "-1"])
     bench.main()
     assert "skipped" in json.loads((run / "fast" / "missing.json").read_text())["error"]
+    assert json.loads((run / "fast" / "broken.json").read_text()) == earlier
+    rows = json.loads((run / "fast" / "summary.json").read_text())["rows"]
+    assert rows[0] == {"asset": "broken", **earlier, "glb": str(run / "fast" / "broken.glb")}
+    assert "skipped" in rows[1]["error"]
 
 
 def test_metrics_json_takes_paths_and_infinities():
