@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-}
 PAYLOAD=.gpu/devset
-RUN=out/devset_run
+RUN=${RUN:-out/devset_run} # another RUN=... keeps a second table (e.g. with CHECKPOINT) apart
 PART_BYTES=15000000 # under the 16 MiB a returned file may have
 PARTS_PER_CALL=4    # 4 x 15 MB stays under the 64 MiB that one call returns
 

@@ -168,7 +168,7 @@ def test_evaluate_runs_end_to_end_on_a_small_synthetic_asset(bpy, tmp_path, monk
 
 
 @pytest.mark.blender
-@pytest.mark.slow  # ~60 s here with other work running; the phases themselves run fast in the test above
+@pytest.mark.slow  # ~60 s on the shared CPU; the phase functions also run (fast) in the self-scoring test
 def test_the_split_phases_score_a_reconstruction_made_elsewhere(bpy, tmp_path, monkeypatch, capsys):
     """inputs (CLI) -> reconstruct_prepared's record and GLB in a run folder -> score (CLI), on one small GLB.
 
