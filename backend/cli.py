@@ -85,7 +85,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import EvaluateConfig, evaluate
+    from .evaluate import EvaluateConfig, evaluate, prepare_inputs, score
     from .progress import TerminalProgress
 
     config = EvaluateConfig(
@@ -101,13 +101,29 @@ def _evaluate(args: argparse.Namespace) -> None:
         test_environment=args.test_env,
         seed=args.seed,
     )
-    report = evaluate(args.assets, args.out, config, progress=TerminalProgress())
+    if (args.phase == "score") != (args.reconstructions is not None):
+        raise InputError("--reconstructions goes with --phase score (and --phase score needs it); see --help")
+    if args.phase == "score" and args.assets:
+        raise InputError("--phase score takes no ASSET: it scores the assets the inputs phase prepared in --out")
+    if args.phase == "inputs":
+        names = prepare_inputs(args.assets, args.out, config, progress=TerminalProgress())
+        print(f"{len(names)} assets prepared in {args.out}: {' '.join(names)}")
+        return
+    if args.phase == "score":
+        report = score(args.out, args.reconstructions, progress=TerminalProgress())
+        results = args.reconstructions
+    else:
+        report = evaluate(args.assets, args.out, config, progress=TerminalProgress())
+        results = args.out
     for name, record in report["assets"].items():
         print(
             f"{name:<24} PSNR-H {record['psnr_h']:6.2f}  PSNR-L {record['psnr_l']:6.2f}  SSIM {record['ssim']:.4f}  "
-            f"Chamfer {record['chamfer']:.4f}  normal {record['normal_error_deg']:5.1f} deg"
+            f"Chamfer {record['chamfer']:.4f}  normal {record['normal_error_deg']:5.1f} deg  "
+            f"reconstruct {record['timings']['reconstruct s']:6.1f} s"
         )
-    print(f"metrics: {args.out / 'metrics.json'}\nsheet:   {args.out / 'sheet.png'}")
+    for name, error in report.get("failed", {}).items():
+        print(f"{name:<24} not scored: {error}", file=sys.stderr)
+    print(f"metrics: {results / 'metrics.json'}\nsheet:   {results / 'sheet.png'}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -199,8 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .shading import BUILTIN_ENVIRONMENTS
 
     evaluate = command("evaluate", _evaluate, "relighting benchmark: render assets in Blender, reconstruct, score")
-    evaluate.add_argument("assets", type=Path, nargs="+", metavar="ASSET", help=".glb, .gltf or .obj (+.mtl) files")
+    evaluate.add_argument("assets", type=Path, nargs="*", metavar="ASSET", help=".glb, .gltf or .obj (+.mtl) files")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, sheet.png and renders")
+    evaluate.add_argument(
+        "--phase",
+        choices=("all", "inputs", "score"),
+        default="all",
+        help="all (default); inputs: render bundles and ground truth into --out only; score: score the GLBs of "
+        "--reconstructions (bench/devset_reconstruct.py's) against --out's inputs, with the inputs' render settings",
+    )
+    evaluate.add_argument(
+        "--reconstructions", type=Path, default=None, help="with --phase score: folder of NAME.glb + NAME.json"
+    )
     evaluate.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
     evaluate.add_argument("--engine", choices=ENGINES, default=None, help=engine_help)
     evaluate.add_argument("--checkpoint", type=Path, default=None, help="LSRM model weights (.safetensors)")

@@ -1,7 +1,11 @@
 """`python -m backend evaluate`: bad input, the Blender-side helpers, and one small asset end to end."""
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +17,8 @@ from backend.cli import main
 from backend.errors import InputError
 from backend.evaluate import EvaluateConfig, evaluate
 from backend.presets import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_missing_and_unsupported_assets_are_input_errors(tmp_path, capsys):
@@ -159,6 +165,102 @@ def test_evaluate_runs_end_to_end_on_a_small_synthetic_asset(bpy, tmp_path, monk
     sheet = Image.open(out / "sheet.png")
     assert sheet.size == (3 * 48, 48)
     assert len(list((out / "seed3" / "test" / "gt").glob("*.exr"))) == 2
+
+
+@pytest.mark.blender
+@pytest.mark.slow  # ~60 s on the shared CPU; the phase functions also run (fast) in the self-scoring test
+def test_the_split_phases_score_a_reconstruction_made_elsewhere(bpy, tmp_path, monkeypatch, capsys):
+    """inputs (CLI) -> reconstruct_prepared's record and GLB in a run folder -> score (CLI), on one small GLB.
+
+    The stand-in reconstruction is the asset itself, so the scores must be perfect; a second asset whose
+    reconstruction failed is reported under "failed" while the first is scored.
+    """
+    import shutil
+
+    import backend.reconstruct
+    from backend.data.synthetic import export_ground_truth
+    from backend.evaluate import EvaluateConfig, reconstruct_prepared
+    from backend.reconstruct import ReconstructionResult
+
+    asset = export_ground_truth(seed=3, out=tmp_path / "seed3.glb", resolution=32, texture_size=64, target_faces=800)
+    prepared, run = tmp_path / "prepared", tmp_path / "run" / "cpu"
+    settings = ["--res", "32", "--views", "4", "--test-views", "2", "--samples", "4"]
+    assert main(["evaluate", str(asset), str(asset), "--out", str(prepared), "--phase", "inputs", *settings]) == 0
+    assert json.loads((prepared / "inputs.json").read_text())["assets"] == ["seed3", "seed3_2"]
+    assert len(list((prepared / "seed3" / "bundle" / "images").glob("*.png"))) == 4
+    assert not list(prepared.rglob("*.glb"))  # the inputs phase reconstructs nothing
+
+    def the_asset_itself(bundle, out, **kwargs):
+        assert bundle == prepared / "seed3" / "bundle" and kwargs["preset"] == "cpu"
+        shutil.copyfile(asset, out)
+        return ReconstructionResult(out, {"fine": 1.5, "total": 2.0}, ["a warning"], 30.0, "cpu", "refine", "cpu", 4)
+
+    monkeypatch.setattr(backend.reconstruct, "reconstruct", the_asset_itself)
+    run.mkdir(parents=True)
+    record = reconstruct_prepared(prepared / "seed3", run / "seed3.glb", EvaluateConfig(preset="cpu", device="cpu"))
+    assert record["preset"] == "cpu" and record["seconds"] > 0.0 and record["peak_gpu_memory_bytes"] is None
+    (run / "seed3.json").write_text(json.dumps(record))
+    (run / "seed3_2.json").write_text(json.dumps({"preset": "cpu", "error": "OutOfMemoryError: CUDA out of memory"}))
+
+    assert main(["evaluate", "--out", str(prepared), "--phase", "score", "--reconstructions", str(run)]) == 0
+    assert "seed3_2" in capsys.readouterr().err
+    report = json.loads((run / "metrics.json").read_text())
+    scored = report["assets"]["seed3"]
+    assert scored["psnr_h"] is None and scored["psnr_l"] is None  # infinite: the same mesh, cameras and light
+    assert scored["ssim"] == pytest.approx(1.0) and scored["chamfer"] < 1e-6
+    assert report["failed"] == {"seed3_2": "OutOfMemoryError: CUDA out of memory"}
+    assert report["settings"]["resolution"] == 32 and report["settings"]["preset"] == "cpu"
+    assert scored["timings"]["reconstruct s"] == record["seconds"] and scored["warnings"] == ["a warning"]
+    assert set(scored["timings"]) == {"render inputs s", "render test s", "reconstruct s", "score s"}
+    assert len(list((run / "seed3" / "test" / "ours").glob("*.exr"))) == 2
+    assert Image.open(run / "sheet.png").size == (3 * 32, 32)
+
+
+def test_the_split_phases_refuse_mixed_arguments(tmp_path, capsys):
+    assert main(["evaluate", "--out", str(tmp_path), "--phase", "score"]) == 2
+    assert "--reconstructions" in capsys.readouterr().err
+    assert main(["evaluate", "a.glb", "--out", str(tmp_path), "--phase", "score", "--reconstructions", "r"]) == 2
+    assert "takes no ASSET" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path), "--phase", "inputs"]) == 2
+    assert "no asset given" in capsys.readouterr().err
+
+
+def test_devset_reconstruct_records_failures_and_needs_no_blender(tmp_path, monkeypatch):
+    """The GPU phase as a process in which bpy cannot be imported: each broken bundle fails alone; late runs skip."""
+    blocker = tmp_path / "no_blender"
+    blocker.mkdir()
+    (blocker / "bpy.py").write_text("raise ImportError('the reconstruct phase must not import bpy')\n")
+    prepared, run = tmp_path / "prepared", tmp_path / "run"
+    (prepared / "broken" / "bundle").mkdir(parents=True)
+    (prepared / "broken" / "bundle" / "transforms.json").write_text("{not json")
+    (prepared / "inputs.json").write_text(json.dumps({"assets": ["broken", "missing"], "settings": {}}))
+    script = REPO / "bench" / "devset_reconstruct.py"
+    command = [sys.executable, str(script), str(prepared), "--out", str(run), "--presets", "cpu", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("broken", "missing"):
+        assert json.loads((run / "cpu" / f"{name}.json").read_text())["error"].startswith("InputError: "), name
+    summary = json.loads((run / "cpu" / "summary.json").read_text())
+    assert [(row["asset"], row["preset"]) for row in summary["rows"]] == [("broken", "cpu"), ("missing", "cpu")]
+
+    # In-process (no second interpreter start): a deadline already passed starts nothing and says so,
+    # and what an earlier call made (GLB + record) is kept, so a second call resumes.
+    earlier = {"preset": "fast", "engine": "refine", "seconds": 31.0, "peak_gpu_memory_bytes": 2**30}
+    earlier.update(timings={"coarse": 20.0, "total": 31.0}, training_psnr=30.0)
+    (run / "fast").mkdir()
+    (run / "fast" / "broken.json").write_text(json.dumps(earlier))
+    (run / "fast" / "broken.glb").write_bytes(b"glTF")
+    spec = importlib.util.spec_from_file_location("devset_reconstruct", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", [*command[1:4], str(run), "--presets", "fast", "--deadline-s", "-1"])
+    bench.main()
+    assert "skipped" in json.loads((run / "fast" / "missing.json").read_text())["error"]
+    assert json.loads((run / "fast" / "broken.json").read_text()) == earlier
+    rows = json.loads((run / "fast" / "summary.json").read_text())["rows"]
+    assert rows[0] == {"asset": "broken", **earlier, "glb": str(run / "fast" / "broken.glb")}
+    assert "skipped" in rows[1]["error"]
 
 
 def test_metrics_json_takes_paths_and_infinities():
