@@ -61,8 +61,8 @@ class LossWeights:
     grid_tv: float = 0.0  # squared differences of neighbouring dense-grid features: no voxel-scale bumps
     # Weak material priors at surface points (L1): metal is rare and glossy highlights are easy to overfit, so
     # metallic leans to 0 and roughness to 1 unless the images pay for something else.
-    metallic_prior: float = 0.0
-    roughness_prior: float = 0.0
+    metallic_prior: float = 0.01
+    roughness_prior: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ class RefineConfig:
     beta_init: float = 0.03  # canonical units; wide at first so gradients reach the surface from afar
     # Beta is learned, but under an upper bound that falls geometrically from beta_init to this over the coarse
     # and fine stages (None: no bound), so the surface ends sharp instead of as a soft halo.
-    final_beta: float | None = None
+    final_beta: float | None = 0.01
     init_std: float = 0.1  # std of the random initial grid features
-    initial_roughness: float = 0.6  # materials start as a fairly rough dielectric ...
-    initial_metallic: float = 0.05  # ... (sigmoid heads: their biases are set to these values' logits)
+    initial_roughness: float = 0.8  # materials start as a rough dielectric ...
+    initial_metallic: float = 0.01  # ... (sigmoid heads: their biases are set to these values' logits)
     # The visual-hull start.
     hull_resolution: int = 64
     hull_mask_threshold: float = 0.5
@@ -102,7 +102,7 @@ class RefineConfig:
     # Shading normals per sample (True: one SDF gradient per ray at the rendered surface point, faster). Per
     # sample fits far better: the demo's training PSNR 31.5 vs 21.6 dB, relit PSNR-L 23.5 vs 17.6 dB (issue 3).
     surface_normals: bool = False
-    photometric_srgb: bool = False  # the photometric L1 on sRGB-encoded colours (how people and PSNR-L see them)
+    photometric_srgb: bool = True  # the photometric L1 on sRGB-encoded colours (how people and PSNR-L see them)
     grid_learning_rate: float = 5e-3  # the dense feature grid
     # The fine grid: much lower. Adam moves every voxel by about the learning rate whatever its gradient's size,
     # and a fine voxel sees few rays per step, so at 2e-3 the fine stage added noise (worse normals, a worse

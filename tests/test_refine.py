@@ -93,7 +93,10 @@ def test_estimated_environment_path_learns_a_finite_low_frequency_map(views):
 
 def test_beta_ends_under_its_bound_and_the_metallic_prior_pulls_metal_down(views):
     _, cameras, images, masks, environment = views
-    plain = refine(cameras, images, masks, TINY, environment=environment)
+    unbounded = dataclasses.replace(
+        TINY, final_beta=None, weights=dataclasses.replace(TINY.weights, metallic_prior=0.0)
+    )
+    plain = refine(cameras, images, masks, unbounded, environment=environment)
     weights = dataclasses.replace(TINY.weights, metallic_prior=1.0)
     config = dataclasses.replace(TINY, final_beta=0.01, geometry_channels=3, weights=weights)
     result = refine(cameras, images, masks, config, environment=environment)
