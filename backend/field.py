@@ -67,6 +67,10 @@ class FieldConfig:
     beta_min: float = 1e-4  # beta never goes below this (keeps density finite)
     max_offset: float = 0.05  # bound of the effective SDF offset, canonical units
     init_std: float = 0.1  # std of the random initial features
+    # 0: every head reads all channels through one trunk. k > 0: the SDF (and offset) read only the first k
+    # channels through their own trunk and the materials the rest, so fitting colour detail cannot bend the
+    # surface (refinement's bumps came from texture explained as geometry).
+    geometry_channels: int = 0
 
 
 def grid_indices_and_weights(points: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +147,17 @@ def sparse_weight(keys: torch.Tensor, resolution: int, points: torch.Tensor) -> 
     return (weights * found).sum(1)
 
 
+def _trunk(channels: int, config: FieldConfig) -> tuple[nn.Sequential, int]:
+    """The hidden layers from `channels` features, and their output width."""
+    layers: list[nn.Module] = []
+    width = channels
+    for _ in range(config.hidden_layers):
+        # SiLU, not ReLU: the SDF's gradient (normals) and second derivative (eikonal loss) stay smooth.
+        layers += [nn.Linear(width, config.hidden), nn.SiLU()]
+        width = config.hidden
+    return nn.Sequential(*layers), width
+
+
 class FieldDecoder(nn.Module):
     """Small MLP heads from interpolated features [N, C] to a FieldSample (LSRM eq. 10-12).
 
@@ -151,14 +166,13 @@ class FieldDecoder(nn.Module):
 
     def __init__(self, config: FieldConfig) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = config.channels
-        for _ in range(config.hidden_layers):
-            # SiLU, not ReLU: the SDF's gradient (normals) and second derivative (eikonal loss) stay smooth.
-            layers += [nn.Linear(width, config.hidden), nn.SiLU()]
-            width = config.hidden
-        self.trunk = nn.Sequential(*layers)
-        self.geometry = nn.Linear(width, 2)  # sdf, effective offset
+        split = config.geometry_channels
+        if not 0 <= split < config.channels:
+            raise ValueError(f"geometry_channels must lie in [0, {config.channels}), got {split}")
+        self.split = split
+        self.trunk, width = _trunk(config.channels - split, config)
+        self.geometry_trunk, geometry_width = _trunk(split, config) if split else (None, width)
+        self.geometry = nn.Linear(geometry_width, 2)  # sdf, effective offset
         self.material = nn.Linear(width, 5)  # albedo (3), roughness, metallic
         self.radiance = nn.Linear(width, 3) if config.radiance else None
         self.max_offset = config.max_offset
@@ -166,12 +180,21 @@ class FieldDecoder(nn.Module):
         nn.init.zeros_(self.geometry.weight[1])
         nn.init.zeros_(self.geometry.bias[1])
 
+    def _geometry(self, features: torch.Tensor) -> torch.Tensor:
+        if self.geometry_trunk is None:
+            return self.geometry(self.trunk(features))
+        return self.geometry(self.geometry_trunk(features[:, : self.split]))
+
     def sdf(self, features: torch.Tensor) -> torch.Tensor:
-        return self.geometry(self.trunk(features))[:, 0]
+        return self._geometry(features)[:, 0]
 
     def forward(self, features: torch.Tensor) -> FieldSample:
-        hidden = self.trunk(features)
-        geometry = self.geometry(hidden)
+        if self.geometry_trunk is None:
+            hidden = self.trunk(features)
+            geometry = self.geometry(hidden)
+        else:
+            hidden = self.trunk(features[:, self.split :])
+            geometry = self._geometry(features)
         material = torch.sigmoid(self.material(hidden))
         # The effective offset (after LIRM) shifts the SDF seen by the volume renderer but not the zero
         # level set that becomes the mesh: opacity the grid cannot explain with a clean surface (thin

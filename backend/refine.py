@@ -34,6 +34,7 @@ from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from .cameras import Cameras, image_rays, visual_hull
+from .colour import linear_to_srgb
 from .errors import InputError
 from .field import FeatureField, FieldConfig, grid_indices_and_weights
 from .progress import Progress, no_progress
@@ -58,6 +59,10 @@ class LossWeights:
     material: float = 0.01  # L1 difference of albedo, roughness, metallic at nearby surface points
     offset: float = 0.1  # L1 of LIRM's effective offset: opacity should come from the surface itself
     grid_tv: float = 0.0  # squared differences of neighbouring dense-grid features: no voxel-scale bumps
+    # Weak material priors at surface points (L1): metal is rare and glossy highlights are easy to overfit, so
+    # metallic leans to 0 and roughness to 1 unless the images pay for something else.
+    metallic_prior: float = 0.01
+    roughness_prior: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,14 @@ class RefineConfig:
     sparse_resolution: int = 128
     hidden: int = 64
     hidden_layers: int = 2
+    geometry_channels: int = 0  # FieldConfig.geometry_channels: 0 shares every channel between shape and materials
     beta_init: float = 0.03  # canonical units; wide at first so gradients reach the surface from afar
+    # Beta is learned, but under an upper bound that falls geometrically from beta_init to this over the coarse
+    # and fine stages (None: no bound), so the surface ends sharp instead of as a soft halo.
+    final_beta: float | None = 0.01
     init_std: float = 0.1  # std of the random initial grid features
-    initial_roughness: float = 0.6  # materials start as a fairly rough dielectric ...
-    initial_metallic: float = 0.05  # ... (sigmoid heads: their biases are set to these values' logits)
+    initial_roughness: float = 0.8  # materials start as a rough dielectric ...
+    initial_metallic: float = 0.01  # ... (sigmoid heads: their biases are set to these values' logits)
     # The visual-hull start.
     hull_resolution: int = 64
     hull_mask_threshold: float = 0.5
@@ -93,6 +102,7 @@ class RefineConfig:
     # Shading normals per sample (True: one SDF gradient per ray at the rendered surface point, faster). Per
     # sample fits far better: the demo's training PSNR 31.5 vs 21.6 dB, relit PSNR-L 23.5 vs 17.6 dB (issue 3).
     surface_normals: bool = False
+    photometric_srgb: bool = True  # the photometric L1 on sRGB-encoded colours (how people and PSNR-L see them)
     grid_learning_rate: float = 5e-3  # the dense feature grid
     # The fine grid: much lower. Adam moves every voxel by about the learning rate whatever its gradient's size,
     # and a fine voxel sees few rays per step, so at 2e-3 the fine stage added noise (worse normals, a worse
@@ -249,6 +259,7 @@ def initial_field(config: RefineConfig, device: torch.device | str) -> FeatureFi
             sparse_resolution=config.sparse_resolution,
             hidden=config.hidden,
             hidden_layers=config.hidden_layers,
+            geometry_channels=config.geometry_channels,
             beta_init=config.beta_init,
             init_std=config.init_std,
         )
@@ -284,6 +295,10 @@ def _clipped(out: RenderOutput) -> torch.Tensor:
     return torch.minimum(out.rgb, out.alpha)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _losses(
     model: FeatureField,
     rays: _Rays,
@@ -295,10 +310,11 @@ def _losses(
     origins, directions = rays.origins[batch], rays.directions[batch]
     out = render_rays(model, origins, directions, environment, options)
     mask = rays.masks[batch, None]
+    encode = linear_to_srgb if config.photometric_srgb else _identity
     alpha = out.alpha.clamp(1e-4, 1.0 - 1e-4)
     terms = {
         "mask": F.binary_cross_entropy(alpha, mask),
-        "photometric": (_clipped(out) - rays.colours[batch]).abs().mean(),
+        "photometric": (encode(_clipped(out)) - encode(rays.colours[batch])).abs().mean(),
     }
 
     # Regularisers at pairs of points scattered around each ray's rendered surface point, and at random
@@ -319,6 +335,8 @@ def _losses(
     materials = torch.cat([sample.albedo, sample.roughness[:, None], sample.metallic[:, None]], dim=-1)
     terms["material"] = (share * (materials[:count] - materials[count : 2 * count]).abs().mean(-1)).sum()
     terms["offset"] = (share * sample.offset[: 2 * count].abs().reshape(2, count).mean(0)).sum()
+    terms["metallic_prior"] = (share * sample.metallic[: 2 * count].reshape(2, count).mean(0)).sum()
+    terms["roughness_prior"] = (share * (1.0 - sample.roughness[: 2 * count]).reshape(2, count).mean(0)).sum()
     if config.weights.grid_tv:
         terms["grid_tv"] = _total_variation(model.dense)
     return terms
@@ -410,7 +428,9 @@ def refine(
 
         skipped = torch.zeros((), dtype=torch.long, device=device)  # on the device: read every check_every steps
 
-        def train(stage: str, steps: int) -> None:
+        beta_bound = _beta_bound(config, model.config.beta_min)
+
+        def train(stage: str, steps: int, first_step: int) -> None:
             clock = time.perf_counter()
             groups = [
                 {"params": [model.dense], "lr": config.grid_learning_rate},
@@ -438,6 +458,9 @@ def refine(
                 skipped.add_(~_finite_gradients(parameters, loss))
                 optimiser.step()
                 scheduler.step()
+                if beta_bound is not None:
+                    with torch.no_grad():
+                        model.log_beta.clamp_(max=beta_bound[first_step + index])
                 if index >= steps - tail:
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.detach()
@@ -447,12 +470,12 @@ def refine(
             stages[stage] = StageReport(steps, time.perf_counter() - clock, losses)
             progress(stage, 1.0)
 
-        train("coarse", config.coarse_steps)
+        train("coarse", config.coarse_steps, 0)
         sparse_voxels = 0
         if config.fine_steps > 0:
             sparse_voxels = model.activate_near_surface(config.fine_band)
             if sparse_voxels:
-                train("fine", config.fine_steps)
+                train("fine", config.fine_steps, config.coarse_steps)
 
         lighting = environment if estimated is None else Environment(estimated.log_image.detach().exp())
         psnr = training_psnr(model, rays, lighting, options, config.psnr_rays)
@@ -460,6 +483,15 @@ def refine(
     report = RefineReport(stages, psnr, sparse_voxels, lighting_kind, 0.0, skipped_steps=int(skipped))
     report.seconds = time.perf_counter() - begin
     return RefineResult(model, lighting, report)
+
+
+def _beta_bound(config: RefineConfig, beta_min: float) -> list[float] | None:
+    """Per image step, the bound on the field's log_beta (see RefineConfig.final_beta), or None."""
+    if config.final_beta is None:
+        return None
+    steps = max(config.coarse_steps + config.fine_steps, 1)
+    ratio = config.final_beta / config.beta_init
+    return [math.log(config.beta_init * ratio ** ((i + 1) / steps) - beta_min) for i in range(steps)]
 
 
 def _check_divergence(model: FeatureField, stage: str, steps: int, skipped: int, config: RefineConfig) -> None:

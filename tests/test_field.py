@@ -111,3 +111,18 @@ def test_gradients_reach_grids_heads_and_beta_including_second_order():
     for name, parameter in field.named_parameters():
         assert parameter.grad is not None and parameter.grad.isfinite().all(), name
         assert parameter.grad.abs().sum() > 0, name
+
+
+def test_split_decoder_keeps_shape_and_materials_on_their_own_channels():
+    config = FieldConfig(channels=8, dense_resolution=8, sparse_resolution=16, hidden=16, geometry_channels=3)
+    decoder = FieldDecoder(config)
+    features = torch.randn(20, 8)
+    changed = features.clone()
+    changed[:, 3:] += 1.0  # appearance channels only
+    before, after = decoder(features), decoder(changed)
+    assert torch.equal(before.sdf, after.sdf) and torch.equal(before.sdf, decoder.sdf(features))
+    assert not torch.allclose(before.albedo, after.albedo)
+    changed = features.clone()
+    changed[:, :3] += 1.0  # geometry channels only
+    assert torch.equal(decoder(changed).albedo, before.albedo) and not torch.equal(decoder(changed).sdf, before.sdf)
+    assert FeatureField(config)(random_points(10)).sdf.shape == (10,)

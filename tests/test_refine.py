@@ -91,6 +91,22 @@ def test_estimated_environment_path_learns_a_finite_low_frequency_map(views):
     assert np.isfinite(result.report.training_psnr)
 
 
+def test_beta_ends_under_its_bound_and_the_metallic_prior_pulls_metal_down(views):
+    _, cameras, images, masks, environment = views
+    unbounded = dataclasses.replace(
+        TINY, final_beta=None, weights=dataclasses.replace(TINY.weights, metallic_prior=0.0)
+    )
+    plain = refine(cameras, images, masks, unbounded, environment=environment)
+    weights = dataclasses.replace(TINY.weights, metallic_prior=1.0)
+    config = dataclasses.replace(TINY, final_beta=0.01, geometry_channels=3, weights=weights)
+    result = refine(cameras, images, masks, config, environment=environment)
+    assert float(result.field.beta) <= 0.01 + 1e-6 < float(plain.field.beta)
+    points = torch.rand(256, 3, generator=torch.Generator().manual_seed(0)) - 0.5
+    with torch.no_grad():
+        assert result.field(points).metallic.mean() < plain.field(points).metallic.mean()
+    assert {"metallic_prior", "roughness_prior"} <= set(result.report.stages["coarse"].losses)
+
+
 def test_cancel_stops_with_cancelled_and_progress_names_the_stages(views):
     _, cameras, images, masks, environment = views
     seen: list[str] = []
