@@ -207,6 +207,21 @@ def loss_config(config: TrainConfig, step: int, total: int) -> LossConfig:
     )
 
 
+def target_loss(field: GridField, target: ViewSet, losses: LossConfig, generator: torch.Generator) -> dict:
+    """The loss terms of one predicted field against its object's target views (`view_loss`)."""
+    return view_loss(
+        float32_field(field),
+        target.cameras,
+        target.images,
+        target.masks,
+        target.environment,
+        losses,
+        generator,
+        target.buffers,
+        target.truth,
+    )
+
+
 def batch_loss(
     model: LSRM,
     forward: torch.nn.Module,
@@ -223,17 +238,7 @@ def batch_loss(
         prediction = forward(batch.views, stages=stage, guide=guides)
     totals, terms_sum = [], {}
     for field, target in zip(prediction.fields, batch.targets, strict=True):
-        terms = view_loss(
-            float32_field(field),
-            target.cameras,
-            target.images,
-            target.masks,
-            target.environment,
-            losses,
-            generator,
-            target.buffers,
-            target.truth,
-        )
+        terms = target_loss(field, target, losses, generator)
         totals.append(terms["total"])
         for key, value in terms.items():
             terms_sum[key] = terms_sum.get(key, 0.0) + float(value.detach())
