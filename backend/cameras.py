@@ -101,15 +101,33 @@ def pixel_rays(cameras: Cameras, pixels: torch.Tensor) -> tuple[torch.Tensor, to
     """
     views = len(cameras)
     flat = pixels.reshape(views, -1, 2).to(cameras.c2w)
-    fx, fy, cx, cy = cameras.intrinsics.unbind(-1)
-    x = (flat[..., 0] - cx[:, None]) / fx[:, None]
-    y = (flat[..., 1] - cy[:, None]) / fy[:, None]
-    directions_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
-    directions = directions_cam @ cameras.c2w[:, :3, :3].transpose(1, 2)
-    directions = directions / directions.norm(dim=-1, keepdim=True)
-    origins = cameras.centres[:, None, :].expand_as(directions)
+    origins, directions = _rays(cameras.c2w, cameras.intrinsics, flat)
     shape = (*pixels.shape[:-1], 3)
     return origins.reshape(shape), directions.reshape(shape)
+
+
+def picked_pixel_rays(cameras: Cameras, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rays [N, 3] through the centres of chosen pixels, `picked` [N] being flat indices into [V, H, W]:
+    what `image_rays(cameras)` reshaped to [V * H * W, 3] holds at those rows, without making every ray."""
+    pixels_per_view = cameras.width * cameras.height
+    view = picked // pixels_per_view
+    row, column = (picked % pixels_per_view) // cameras.width, picked % cameras.width
+    centres = torch.stack([column, row], dim=-1).to(cameras.c2w) + 0.5
+    origins, directions = _rays(cameras.c2w[view], cameras.intrinsics[view], centres[:, None])
+    return origins[:, 0], directions[:, 0]
+
+
+def _rays(c2w: torch.Tensor, intrinsics: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Origins and unit directions [B, M, 3] through image-plane points [B, M, 2] of B cameras (c2w [B, 4, 4],
+    intrinsics [B, 4] as fx, fy, cx, cy)."""
+    fx, fy, cx, cy = intrinsics[:, None].unbind(-1)
+    x = (pixels[..., 0] - cx) / fx
+    y = (pixels[..., 1] - cy) / fy
+    directions_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
+    directions = directions_cam @ c2w[:, :3, :3].transpose(1, 2)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    origins = c2w[:, None, :3, 3].expand_as(directions)
+    return origins, directions
 
 
 def image_rays(cameras: Cameras) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,11 @@ from pathlib import Path
 
 from .errors import InputError
 
+CHECKPOINT_HELP = (
+    "LSRM model weights (.safetensors); default: backend/assets/models/lsrm_small.safetensors when installed; "
+    "'none': no model"
+)
+
 
 def _info(args: argparse.Namespace) -> None:
     from .device import device_report, pick_device
@@ -130,7 +135,9 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     from .progress import TerminalProgress
 
-    metrics = run_demo(args.out, preset=args.preset, device=args.device, progress=TerminalProgress())
+    metrics = run_demo(
+        args.out, preset=args.preset, checkpoint=args.checkpoint, device=args.device, progress=TerminalProgress()
+    )
     relit, geometry = metrics["relit"]["mean"], metrics["geometry"]
     for warning in metrics["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -203,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
     from .reconstruct import ENGINES
 
-    engine_help = "feedforward, refine or both (default: the preset's with --checkpoint, else refine)"
+    engine_help = "feedforward, refine or both (default: the preset's with a checkpoint, else refine)"
 
     rebuild = command("reconstruct", _reconstruct, "reconstruct a bundle of posed views into a relightable GLB")
     rebuild.add_argument("bundle", type=Path, help="bundle folder (or its transforms.json)")
     rebuild.add_argument("--out", type=Path, required=True, help="GLB file to write")
     rebuild.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
     rebuild.add_argument("--engine", choices=ENGINES, default=None, help=engine_help)
-    rebuild.add_argument("--checkpoint", type=Path, default=None, help="LSRM model weights (.safetensors)")
+    rebuild.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
 
     from .shading import BUILTIN_ENVIRONMENTS
 
@@ -229,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--preset", choices=list(PRESETS), default="standard", help="budget (default standard)")
     evaluate.add_argument("--engine", choices=ENGINES, default=None, help=engine_help)
-    evaluate.add_argument("--checkpoint", type=Path, default=None, help="LSRM model weights (.safetensors)")
+    evaluate.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     evaluate.add_argument("--views", type=int, default=16, help="input views per asset (default 16)")
     evaluate.add_argument("--test-views", type=int, default=4, help="held-out relit views per asset (default 4)")
     evaluate.add_argument("--res", type=int, default=256, help="image width and height in pixels (default 256)")
@@ -241,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", _demo, "reconstruct the committed demo bundle, relight it under a new world and score it")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
     demo.add_argument("--preset", choices=list(PRESETS), default=None, help="default: standard on a GPU, else cpu")
+    demo.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
 
     _add_train(command)
 
@@ -253,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--work-dir", type=Path, default=None, help="jobs, token, log (default: user cache)")
     serve.add_argument("--token-file", type=Path, default=None, help="bearer token file; made if missing (WORK/token)")
     serve.add_argument("--log-file", type=Path, default=None, help="log file (default WORK/service.log)")
-    serve.add_argument("--checkpoint", type=Path, default=None, help="feed-forward model checkpoint (.safetensors)")
+    serve.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     serve.add_argument("--preset", choices=list(PRESETS), default=None, help="when a job names none")
     serve.add_argument("--max-queue", type=int, default=8, help="jobs that may wait (default 8)")
     serve.add_argument("--keep-fetched-s", type=float, default=300.0, help="keep results after download (300 s)")
@@ -305,6 +313,12 @@ def _add_train(command) -> None:
     train.add_argument("--refresh-every", type=int, default=d.refresh_every, help="steps per re-rendered object")
     train.add_argument("--depth-weight", type=float, default=d.depth_weight, help="depth loss weight")
     train.add_argument("--material-weight", type=float, default=d.material_weight, help="material loss weight")
+    train.add_argument(
+        "--surface-material-weight",
+        type=float,
+        default=d.surface_material_weight,
+        help="weight of materials read on the known true surface",
+    )
     train.add_argument("--sdf-weight", type=float, default=d.sdf_weight, help="known-SDF loss weight")
     train.add_argument("--normal-weight", type=float, default=d.normal_weight, help="numerical normal loss weight")
     train.add_argument("--normal-steps", type=int, default=d.normal_steps, help="last steps with the normal loss")
@@ -318,6 +332,10 @@ def _add_train(command) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "checkpoint"):
+        from .feedforward import checkpoint_choice
+
+        args.checkpoint = checkpoint_choice(args.checkpoint)
     try:
         args.handler(args)
     except InputError as error:

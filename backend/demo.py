@@ -47,10 +47,12 @@ def run_demo(
     *,
     demo: Path = DEMO,
     preset: str | None = None,
+    checkpoint: Path | None = None,
     device: str = "auto",
     progress: Progress = no_progress,
 ) -> dict:
-    """Reconstruct `demo/input`, relight under `demo/test`'s world, write the asset, sheet and metrics."""
+    """Reconstruct `demo/input` (with the feed-forward model when a checkpoint is given), relight under
+    `demo/test`'s world, write the asset, sheet and metrics."""
     begin = time.perf_counter()
     torch_device = pick_device(device)
     preset = preset or default_preset(torch_device)
@@ -64,7 +66,9 @@ def run_demo(
     surface = np.load(test_path / "gt_surface.npy")
 
     out.mkdir(parents=True, exist_ok=True)
-    result = reconstruct(inputs, out / "barrel.glb", preset=preset, device=torch_device, progress=progress)
+    result = reconstruct(
+        inputs, out / "barrel.glb", preset=preset, checkpoint=checkpoint, device=torch_device, progress=progress
+    )
     normalisation, field = result.normalisation, result.field
 
     clock = time.perf_counter()
@@ -93,6 +97,7 @@ def run_demo(
     mean = {key: float(np.mean([v[key] for v in views])) for key in views[0]}
     metrics = {
         "preset": preset,
+        "engine": result.engine,
         "device": str(torch_device),
         "views": {"input": len(inputs_bundle.names), "test": len(frames)},
         "relit": {"mean": mean, "per_view": views},

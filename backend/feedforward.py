@@ -20,6 +20,18 @@ from .progress import Progress, no_progress
 from .shading import Environment
 
 _LOADED: dict[tuple[str, int, str], LSRM] = {}  # (path, modification time, device) -> model
+# The shipped checkpoint's place (docs/TRAINING.md): used whenever it exists and no other is named.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "models" / "lsrm_small.safetensors"
+
+
+def checkpoint_choice(argument: str | Path | None) -> Path | None:
+    """The checkpoint a `--checkpoint` argument means: a path; "none" for no model (the refinement alone);
+    not given (None): the shipped default when it is installed, else no model."""
+    if argument is None:
+        return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
+    if str(argument).lower() == "none":
+        return None
+    return Path(argument)
 
 
 def load_model(checkpoint: Path | str | None, device: torch.device | str) -> LSRM:

@@ -81,8 +81,9 @@ class TrainConfig:
     environments: tuple[str, ...] = BUILTIN_ENVIRONMENTS  # studio worlds that light rendered training views
     pool: int = 16  # rendered objects kept per device
     refresh_every: int = 2  # re-render one pool object every this many steps
-    depth_weight: float = 0.5
-    material_weight: float = 0.5
+    depth_weight: float = 0.1  # run 1 used 0.5: its gradient then outweighed colour's 100 to 1 (docs/TRAINING.md)
+    material_weight: float = 2.0
+    surface_material_weight: float = 5.0  # materials at points of the known true surface (procedural, furniture)
     sdf_weight: float = 1.0  # known SDF of procedural / furniture objects (0 turns the term off)
     normal_weight: float = 0.1
     normal_steps: int = 500  # the numerical normal loss joins for the last this many steps
@@ -200,8 +201,24 @@ def loss_config(config: TrainConfig, step: int, total: int) -> LossConfig:
         rays=config.rays,
         depth=config.depth_weight,
         material=config.material_weight,
+        surface_material=config.surface_material_weight,
         sdf=config.sdf_weight,
         normal=normal,
+    )
+
+
+def target_loss(field: GridField, target: ViewSet, losses: LossConfig, generator: torch.Generator) -> dict:
+    """The loss terms of one predicted field against its object's target views (`view_loss`)."""
+    return view_loss(
+        float32_field(field),
+        target.cameras,
+        target.images,
+        target.masks,
+        target.environment,
+        losses,
+        generator,
+        target.buffers,
+        target.truth,
     )
 
 
@@ -221,17 +238,7 @@ def batch_loss(
         prediction = forward(batch.views, stages=stage, guide=guides)
     totals, terms_sum = [], {}
     for field, target in zip(prediction.fields, batch.targets, strict=True):
-        terms = view_loss(
-            float32_field(field),
-            target.cameras,
-            target.images,
-            target.masks,
-            target.environment,
-            losses,
-            generator,
-            target.buffers,
-            target.truth,
-        )
+        terms = target_loss(field, target, losses, generator)
         totals.append(terms["total"])
         for key, value in terms.items():
             terms_sum[key] = terms_sum.get(key, 0.0) + float(value.detach())

@@ -2,7 +2,9 @@
 # The GPU launcher for issue 5's training, run as-is from the repository root on a CUDA machine:
 #
 #   scripts/train_gpu.sh scaling            # ~3 min: training throughput on 1, 2, 4 (... all) GPUs
-#   scripts/train_gpu.sh train [SECONDS]    # stage 1 of `small` on all GPUs, stopping (saved) within SECONDS
+#   scripts/train_gpu.sh train [SECONDS] [INIT]  # stage 1 of `small` on the visible GPUs, stopping (saved)
+#                                           # within SECONDS, starting from the weights INIT when given
+#                                           # (e.g. out/checkpoints/lsrm_small_step1516.safetensors)
 #   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1 (tokens picked by known geometry)
 #
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
@@ -13,23 +15,25 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 MODE=${1:-train}
 SECONDS_LIMIT=${2:-540}
+INIT=${3:-}
 if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil" 2>/dev/null; then
     python -m pip install --quiet --no-index --no-deps .whl/*.whl
 fi
-export PYTHONPATH=$PWD
-GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")  # honours the caller's CUDA_VISIBLE_DEVICES
 if [ "$GPUS" -lt 1 ]; then echo "no CUDA GPU visible" >&2; exit 1; fi
 launch() {  # launch NPROC ARGS...: one process per GPU through torchrun
     local n=$1; shift
     torchrun --standalone --nproc_per_node "$n" "$@"
 }
-# Recipe for ~8 minutes: `small`, 8-12 input views at 256 px, 4 targets, 1024 rays per target set.
+# Recipe: `small`, 8-12 input views at 256 px, 4 targets, 1024 rays per target set, the loss weights of
+# TrainConfig (colour fix, docs/TRAINING.md); a checkpoint every 250 steps (about 3 minutes on 3 H200s).
 RECIPE=(--model small --batch 4 --inputs 8 12 --targets 4 --rays 1024 --pool 16 --refresh-every 3
         --lr 4e-4 --warmup 100 --normal-steps 150 --checkpoint-every 250 --eval-every 250 --log-every 10)
-# Furniture joins (half the objects) when its archives were carried to out/furniture (cp from
-# /usr/share/sweethome3d/furniture/BlendSwap-CC-0.sh3f, 25 MB) or the Debian package is installed.
-if ls out/furniture/*.sh3f >/dev/null 2>&1; then
-    RECIPE+=(--data mixed --furniture-dir out/furniture)
+# Furniture joins (half the objects) when packed archives were carried to .gpu/furniture
+# (`python scripts/pack_furniture.py --out .gpu/furniture --megabytes 6`) or the Debian package is installed.
+if ls .gpu/furniture/*.sh3f >/dev/null 2>&1; then
+    RECIPE+=(--data mixed --furniture-dir .gpu/furniture)
 elif [ -d /usr/share/sweethome3d/furniture ]; then
     RECIPE+=(--data mixed)
 fi
@@ -47,6 +51,9 @@ scaling)
     python bench/train_throughput.py --summarise "${runs[@]}" --out "$OUT/bench/train_scaling.json"
     ;;
 train)
+    if [ -n "$INIT" ]; then  # (a resumed run ignores --init and keeps its own weights)
+        RECIPE+=(--init "$INIT" --warmup 30)  # continuing trained weights: a short warm-up of the new optimizer
+    fi
     launch "$GPUS" -m backend train --out "$OUT/stage1" --stage 1 --steps 0 --time-limit "$SECONDS_LIMIT" "${RECIPE[@]}"
     ;;
 stage2)
@@ -54,7 +61,7 @@ stage2)
         --steps 0 --time-limit "$SECONDS_LIMIT" --guide truth "${RECIPE[@]}" --warmup 20 --lr 2e-4
     ;;
 *)
-    echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] | stage2 [SECONDS]" >&2
+    echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] [INIT] | stage2 [SECONDS]" >&2
     exit 2
     ;;
 esac

@@ -218,7 +218,7 @@ class MeshGridField:
         )
 
 
-def _devset_models() -> set[str]:
+def devset_models() -> set[str]:
     try:
         return {entry["model"] for entry in json.loads(DEVSET.read_text())["furniture"]}
     except (OSError, KeyError, json.JSONDecodeError):
@@ -236,7 +236,7 @@ class FurnitureLibrary:
                 f"no furniture archives ({', '.join(ARCHIVES)}) in '{folder}'; install the Debian package "
                 "sweethome3d-furniture or pass --furniture-dir with copies of them"
             )
-        held_out = _devset_models()
+        held_out = devset_models()
         self.models = [
             (archive, name)
             for archive in archives

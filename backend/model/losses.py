@@ -12,19 +12,25 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..cameras import Cameras, image_rays
+from ..cameras import Cameras, picked_pixel_rays
+from ..colour import linear_to_srgb
 from ..field import SurfaceField
 from ..render import RenderOptions, render_rays
 from ..shading import Environment
+
+SURFACE_BAND = 0.01  # canonical units: a projected point this close to the true surface carries its material
 
 
 @dataclass(frozen=True)
 class LossConfig:
     rays: int = 1024  # rays per object and step
-    colour: float = 1.0  # MSE on linear RGB (clipped to [0, 1], as a display would)
+    colour: float = 1.0  # MSE on sRGB-encoded RGB (the display space PSNR-L judges; linear MSE ignores dark colours)
     mask: float = 0.5  # MSE between rendered opacity and the mask
     eikonal: float = 0.05  # |grad sdf| = 1 at the samples
-    material: float = 0.0  # MSE on albedo / roughness / metallic where ground truth exists
+    material: float = 0.0  # MSE on rendered albedo (sRGB-encoded) / roughness / metallic where ground truth exists
+    # MSE on albedo (sRGB-encoded) / roughness / metallic read at points on a known true surface: a dense signal
+    # that does not wait for the predicted geometry (docs/TRAINING.md, "Why colour did not learn").
+    surface_material: float = 0.0
     depth: float = 0.0  # L1 on the ray distance to the surface (canonical units) inside the mask
     normal: float = 0.0  # 1 - cos between finite-difference SDF normals and the true ones (LIRM's numerical normal)
     normal_step: float = 0.01  # finite-difference step of the numerical normals (canonical units)
@@ -51,15 +57,14 @@ def view_loss(
     "roughness" and "metallic" [V, H, W] (straight values), "depth" [V, H, W] (ray distance, canonical) and
     "normal" [V, H, W, 3]; `truth` an optional ground-truth field (canonical frame) for the SDF term, whose
     points are half uniform in the box and half within 0.1 of its surface."""
-    origins, directions = image_rays(cameras)
-    total = origins[..., 0].numel()
+    total = masks.numel()
     pick = torch.randint(0, total, (config.rays,), generator=generator, device="cpu").to(images.device)
-    rays = origins.reshape(-1, 3)[pick], directions.reshape(-1, 3)[pick]
+    rays = picked_pixel_rays(cameras, pick)  # only the rays rendered, not every pixel's
     out = render_rays(surface, *rays, environment, config.render)
     alpha = masks.reshape(-1)[pick, None]
     target = images.reshape(-1, 3)[pick] * alpha  # premultiplied, as the renderer's rgb
     terms = {
-        "colour": F.mse_loss(out.rgb.clamp(0.0, 1.0), target.clamp(0.0, 1.0)),
+        "colour": F.mse_loss(linear_to_srgb(out.rgb), linear_to_srgb(target)),
         "mask": F.mse_loss(out.alpha, alpha),
         "eikonal": out.eikonal.mean(),
     }
@@ -68,7 +73,8 @@ def view_loss(
     if config.material > 0:
         for name in ("albedo", "roughness", "metallic"):
             if name in buffers:
-                terms[name] = F.mse_loss(getattr(out, name), buffers[name].reshape(total, -1)[pick] * alpha)
+                true = buffers[name].reshape(total, -1)[pick] * alpha
+                terms[name] = _material_error(name, getattr(out, name), true)
                 weights[name] = config.material
     solid = (alpha > 0.5).to(alpha)  # geometry terms only where the true surface covers the pixel
     if "depth" in buffers and config.depth > 0:
@@ -81,17 +87,33 @@ def view_loss(
         cosine = (normal * buffers["normal"].reshape(total, 3)[pick]).sum(-1, keepdim=True)
         terms["normal"] = ((1.0 - cosine) * solid).sum() / solid.sum().clamp_min(1.0)
         weights["normal"] = config.normal
-    if truth is not None and config.sdf > 0:
+    if truth is not None and (config.sdf > 0 or config.surface_material > 0):
         uniform = torch.rand(config.sdf_points, 3, generator=generator).to(images.device) * 2 - 1
         with torch.no_grad():
-            near = uniform - truth.sdf(uniform)[:, None] * _unit_gradient(truth, uniform)  # projected to the surface
-            near = (near + 0.1 * torch.randn(near.shape, generator=generator).to(near)).clamp(-1, 1)
+            on = uniform - truth.sdf(uniform)[:, None] * _unit_gradient(truth, uniform)  # projected to the surface
+            near = (on + 0.1 * torch.randn(on.shape, generator=generator).to(on)).clamp(-1, 1)
             points = torch.cat([uniform, near])
             target = truth.sdf(points)
-        terms["sdf"] = (surface.sdf(points) - target).abs().mean()
-        weights["sdf"] = config.sdf
+        if config.sdf > 0:
+            terms["sdf"] = (surface.sdf(points) - target).abs().mean()
+            weights["sdf"] = config.sdf
+        if config.surface_material > 0:
+            with torch.no_grad():
+                on = on[truth.sdf(on).abs() < SURFACE_BAND]  # projections of far points can miss a CSG surface
+                true = truth(on)
+            predicted = surface(on)
+            for name in ("albedo", "roughness", "metallic"):
+                terms[f"surface_{name}"] = _material_error(name, getattr(predicted, name), getattr(true, name))
+                weights[f"surface_{name}"] = config.surface_material
     terms["total"] = sum(weights[name] * value for name, value in terms.items())
     return terms
+
+
+def _material_error(name: str, predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """MSE of a material value; albedo is compared sRGB-encoded, as it is seen (roughness is perceptual already)."""
+    if name == "albedo":
+        predicted, true = linear_to_srgb(predicted), linear_to_srgb(true)
+    return F.mse_loss(predicted, true.reshape(predicted.shape))
 
 
 def _numerical_normal(surface: SurfaceField, points: torch.Tensor, step: float) -> torch.Tensor:
