@@ -86,7 +86,9 @@ def grid_indices_and_weights(points: torch.Tensor, resolution: int) -> tuple[tor
     corners = _corners(points.device)
     indices = lower[:, None, :] + corners  # [N, 8, 3]
     per_axis = torch.where(corners.bool(), fraction[:, None, :], 1.0 - fraction[:, None, :])
-    return indices, per_axis.prod(-1)
+    # Products written out: `prod`'s backward (zero-safe) runs cumulative scans that took most of a
+    # refinement step on an H200 (bench/profile_refine.py); plain multiplications have a trivial one.
+    return indices, per_axis[..., 0] * per_axis[..., 1] * per_axis[..., 2]
 
 
 @functools.cache
