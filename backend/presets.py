@@ -66,8 +66,8 @@ PRESETS: dict[str, Preset] = {
         target_faces=30_000,
         engine="feedforward",
         budget="without a checkpoint the shortest refinement: 150+300+200 steps of 2048 rays, grids 48^3 + "
-        "128^3 sparse, 1024 px textures, 30k faces; measured 30 s per object (16 views of 512^2) on one H100, "
-        "target 15 s",
+        "128^3 sparse, 1024 px textures, 30k faces; measured 15-26 s (mean 18 s) per object, 16 views of 512^2, "
+        "on one H200 (bench/devset_reconstruct.py); target 15 s",
     ),
     "standard": Preset(
         name="standard",
@@ -86,7 +86,8 @@ PRESETS: dict[str, Preset] = {
         texture_size=2048,
         target_faces=100_000,
         budget="refinement 150+800+800 steps of 4096 rays, grids 64^3 + 192^3 sparse, 2048 px textures, "
-        "100k faces; measured 91 s per object (16 views of 512^2) on one H100, target at most 60 s on one H200",
+        "100k faces; measured 53-71 s (mean 61 s) per object, 16 views of 512^2, on one H200 "
+        "(bench/devset_reconstruct.py); target at most 60 s",
     ),
     "high": Preset(
         name="high",
