@@ -15,6 +15,8 @@ queries, and runs without gradients: selection is not differentiable.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from backend.cameras import Cameras, project
@@ -22,6 +24,8 @@ from backend.model.blocks import TokenBlocks
 
 # Elements allowed in the largest per-chunk intermediate of a routing search.
 _ELEMENT_BUDGET = 1 << 26
+# Consecutive queries that share one candidate search in `route_to_volume` (neighbours in space).
+_GROUP = 32
 
 
 def per_kv_head(selected: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -78,17 +82,26 @@ def route_to_volume(
     """The top_n blocks of the query's object whose centres are nearest its 3D point: [Nq, n].
 
     query_xyz [Nq, 3]; block_centres [Bk, 3] (e.g. `TokenBlocks.centres` of the volume tokens).
+
+    Exact, without measuring every query against every block: queries go in runs of `_GROUP`
+    neighbours along a Z-order curve, each run rules out by its bounding box the blocks that cannot
+    be among any of its queries' top_n (`_candidates`), and each query ranks only the rest.
+    chunk_size: queries per chunk (rounded to whole runs), else an element budget.
     """
     selected = torch.full((query_xyz.shape[0], top_n), -1, dtype=torch.long, device=query_xyz.device)
     for q_start, q_end, b_start, b_end in _object_ranges(q_token_cu, block_cu):
         if b_end == b_start or q_end == q_start:
             continue
         centres = block_centres[b_start:b_end]
-        chunk = _chunk(chunk_size, 3 * (b_end - b_start), q_end - q_start)
-        for s in range(q_start, q_end, chunk):
-            e = min(s + chunk, q_end)
-            distance = _squared_distance(query_xyz[s:e, None, :], centres[None])  # [C, Bi]
-            selected[s:e] = _shift(_smallest(distance, top_n), b_start)
+        runs = _runs(query_xyz[q_start:q_end]) + q_start  # [G, _GROUP] query rows, neighbours in space
+        candidates, counts = _candidates(query_xyz[runs], centres, top_n)  # [G, K] local blocks, ascending
+        for chosen_runs, width in _chunks_by_width(counts, chunk_size):
+            rows = runs[chosen_runs].flatten()
+            mine = candidates[chosen_runs, :width].repeat_interleave(_GROUP, dim=0)  # [C, width]
+            distance = _squared_distance(query_xyz[rows, None, :], centres[mine.clamp_min(0)])
+            best = _smallest(distance.masked_fill(mine < 0, float("inf")), top_n)
+            chosen = mine.gather(1, best.clamp_min(0))
+            selected[rows] = torch.where(best >= 0, chosen + b_start, -1)
     return selected
 
 
@@ -128,27 +141,25 @@ def route_to_image(
     for obj, (q_start, q_end, b_start, b_end) in enumerate(_object_ranges(q_token_cu, blocks.block_cu)):
         if b_end == b_start or q_end == q_start:
             continue
-        views = len(cameras[obj])
-        # Blocks are sorted by (view, row, col) inside an object, so each view's blocks are a range.
-        view_bounds = torch.searchsorted(views_of_block[b_start:b_end], torch.arange(views + 1, device=device))
-        view_bounds = (view_bounds + b_start).tolist()
-        chunk = _chunk(chunk_size, views * per_view * max(max_len, 1) * 3, q_end - q_start)
+        # Blocks are sorted by (view, row, col) inside an object, so each view's blocks are a range; a
+        # table [V, P] of them (-1 past a view's count) ranks all views in one search.
+        bounds = torch.searchsorted(views_of_block[b_start:b_end], torch.arange(len(cameras[obj]) + 1, device=device))
+        sizes = bounds.diff()
+        slot = torch.arange(int(sizes.max()), device=device)
+        table = torch.where(slot < sizes[:, None], bounds[:-1, None] + slot + b_start, -1)  # [V, P]
+        table_px = block_centre_px[table.clamp_min(0)].masked_fill((table < 0)[..., None], float("inf"))
+        per_query = max(table.numel() * 2, per_view * len(table) * max(max_len, 1) * 3)
+        chunk = _chunk(chunk_size, per_query, q_end - q_start)
         for s in range(q_start, q_end, chunk):
             e = min(s + chunk, q_end)
             points = query_xyz[s:e]  # [C, 3]
             uv, depth = project(cameras[obj], points)  # [V, C, 2], [V, C]
-            candidates = []
-            for view in range(views):
-                v_start, v_end = view_bounds[view], view_bounds[view + 1]
-                if v_end == v_start:
-                    continue
-                centres = block_centre_px[v_start:v_end].to(uv)
-                nearest = _smallest(_squared_distance(uv[view, :, None, :], centres[None]), per_view)  # [C, pv]
-                nearest = _shift(nearest, v_start)
-                candidates.append(nearest.masked_fill(depth[view, :, None] <= 0, -1))  # behind the camera
-            if not candidates:
-                continue
-            candidates = torch.cat(candidates, dim=1)  # [C, V * pv]
+            nearest = _smallest(_squared_distance(uv[:, :, None, :], table_px[:, None].to(uv)), per_view)
+            candidates = torch.where(
+                nearest >= 0, table.gather(1, nearest.clamp_min(0).flatten(1)).view_as(nearest), -1
+            )
+            candidates = candidates.masked_fill(depth[..., None] <= 0, -1)  # behind the camera
+            candidates = candidates.transpose(0, 1).flatten(1)  # [C, V * pv]
             distance = _min_block_distance(points, candidates, token_xyz, blocks.block_offsets, max_len)
             # Candidates of different views are distinct blocks; sort them by index first so that the
             # stable sort by distance breaks ties towards the lower block index.
@@ -192,27 +203,107 @@ def _squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _smallest(score: torch.Tensor, count: int) -> torch.Tensor:
     """Positions [..., count] of the `count` smallest finite scores along the last dim, ascending.
 
-    Ties go to the lower position; slots past the finite scores are -1. A selection (topk), not a
-    sort of every score: the routing searches rank thousands of blocks per query to keep a few.
+    Ties go to the lower position; slots past the finite scores are -1. One selection (topk) over
+    keys that hold a score's order above its position, so every key is distinct and a tie resolves
+    by position with no sort; float64 scores (no room left for the position) take a stable sort.
     """
     take = min(count, score.shape[-1])
-    order = score.new_zeros((*score.shape[:-1], 0), dtype=torch.long)
-    if take:
-        kth = score.topk(take, dim=-1, largest=False).values.amax(dim=-1, keepdim=True)  # the take-th smallest
-        below, at = score < kth, score == kth
-        room = take - below.sum(dim=-1, keepdim=True)
-        keep = below | (at & (at.cumsum(dim=-1) <= room))  # exactly `take` a row; ties to lower positions
-        position = torch.arange(score.shape[-1], device=score.device).expand_as(score)
-        # The kept positions, ascending, by a second selection (boolean indexing would wait for the GPU).
-        chosen = torch.where(keep, position, position + score.shape[-1]).topk(take, dim=-1, largest=False).values
-        by_score = torch.sort(score.gather(-1, chosen), dim=-1, stable=True).indices  # stable: lower position first
-        order = chosen.gather(-1, by_score)
+    if score.dtype == torch.float64:
+        order = torch.sort(score, dim=-1, stable=True).indices[..., :take]
+    else:
+        order = _ranked_keys(score).topk(take, dim=-1, largest=False).values & 0xFFFFFFFF
     finite = torch.isfinite(score.gather(-1, order))
     order = torch.where(finite, order, -1)
     missing = count - order.shape[-1]
     if missing > 0:
         order = torch.cat([order, order.new_full((*order.shape[:-1], missing), -1)], dim=-1)
     return order
+
+
+def _ranked_keys(score: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order like (score, position) along the last dim: the float32 score's bits made
+    monotonic (sign-magnitude to two's complement) in the high half, the position in the low half.
+    -0.0 becomes 0.0 (they tie) and NaN ranks as +inf (never finite, so never chosen)."""
+    value = score.float() + 0.0
+    bits = torch.where(value.isnan(), float("inf"), value).view(torch.int32).long()
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered << 32) | torch.arange(score.shape[-1], device=score.device)
+
+
+def _runs(points: torch.Tensor) -> torch.Tensor:
+    """Rows of points [N, 3] in runs [G, _GROUP] of neighbours, each padded with its first row.
+
+    The points in Z-order (10 bits per axis over their bounding box), cut at every cell of the finest
+    octree level whose occupied cells hold `_GROUP` / 2 points on average, and after `_GROUP` rows:
+    cells bound a run's extent (the curve alone jumps across the box now and then).
+    """
+    low, high = points.amin(0), points.amax(0)
+    cells = ((points - low) / (high - low).clamp_min(1e-12) * 1023).long().clamp(0, 1023)
+    code = torch.zeros(len(points), dtype=torch.long, device=points.device)
+    for bit in range(10):
+        for axis in range(3):
+            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    code, order = code.sort()
+    shifts = range(0, 31, 3)  # octree levels, finest first
+    occupied = torch.stack([((code[1:] >> s) != (code[:-1] >> s)).sum() + 1 for s in shifts]).tolist()
+    shift = next((s for s, n in zip(shifts, occupied, strict=True) if n * _GROUP <= 2 * len(code)), shifts[-1])
+    first = torch.ones_like(code, dtype=torch.bool)
+    first[1:] = (code[1:] >> shift) != (code[:-1] >> shift)
+    starts = first.nonzero()[:, 0]
+    position = torch.arange(len(code), device=code.device) - starts[first.cumsum(0) - 1]  # within the cell
+    run = (first | (position % _GROUP == 0)).cumsum(0) - 1
+    runs = torch.full((int(run[-1]) + 1, _GROUP), -1, dtype=torch.long, device=code.device)
+    runs[run, position % _GROUP] = order
+    return torch.where(runs < 0, runs[:, :1], runs)
+
+
+def _candidates(runs: torch.Tensor, centres: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each run of points [G, R, 3], the blocks that can be among the top_n nearest centres [B, 3] of
+    any of its points: local indices [G, K], ascending, -1 past the run's count, and the counts [G].
+
+    A block is ruled out when the nearest it can be to the run's bounding box is beyond the top_n-th
+    smallest farthest that blocks can be: then top_n other blocks are strictly nearer every point of the
+    run. The rule is widened by the rounding of the distances the ranking computes (a few units in the
+    last place, relative), so rounding cannot let a ruled-out block win.
+    """
+    dtype = torch.promote_types(torch.promote_types(runs.dtype, centres.dtype), torch.float32)
+    low, high = runs.to(dtype).amin(1)[:, None], runs.to(dtype).amax(1)[:, None]  # [G, 1, 3]
+    c = centres.to(dtype)[None]  # [1, B, 3]
+    slack, floor = 1.0 + 16 * torch.finfo(dtype).eps, 64 * torch.finfo(dtype).tiny
+    keep, chunk = [], _chunk(None, 3 * len(centres), len(runs))
+    for s in range(0, len(runs), chunk):
+        lo, hi = low[s : s + chunk], high[s : s + chunk]
+        nearest = ((lo - c).clamp_min(0) + (c - hi).clamp_min(0)).square().sum(-1)  # [g, B]
+        bound = torch.full_like(nearest[:, :1], float("inf"))
+        if len(centres) > top_n:
+            farthest = torch.maximum((c - lo).abs(), (c - hi).abs()).square().sum(-1)
+            bound = farthest.topk(top_n, dim=-1, largest=False).values[:, -1:]
+        keep.append(nearest <= bound * slack + floor)
+    keep = torch.cat(keep)
+    counts = keep.sum(1)
+    run, block = keep.nonzero(as_tuple=True)  # row-major: ascending blocks within each run
+    slot = torch.arange(len(block), device=block.device) - (counts.cumsum(0) - counts)[run]
+    candidates = torch.full((len(runs), int(counts.max())), -1, dtype=torch.long, device=block.device)
+    candidates[run, slot] = block
+    return candidates, counts
+
+
+def _chunks_by_width(counts: torch.Tensor, chunk_size: int | None) -> Iterator[tuple[torch.Tensor, int]]:
+    """Runs in chunks of similar candidate counts (at most 3/2 of the chunk's narrowest plus 8, so little of a
+    chunk is padding) under the element budget or `chunk_size` queries: (run indices, the widest count)."""
+    widths, by_width = counts.sort()
+    widths = widths.tolist()
+    start = 0
+    while start < len(widths):
+        end = start + 1
+        while (
+            end < len(widths)
+            and widths[end] <= 1.5 * widths[start] + 8
+            and (end + 1 - start) * _GROUP <= _chunk(chunk_size, 3 * widths[end], 1 << 62)
+        ):
+            end += 1
+        yield by_width[start:end], widths[end - 1]
+        start = end
 
 
 def _shift(positions: torch.Tensor, start: int) -> torch.Tensor:
