@@ -174,3 +174,33 @@ def test_smallest_selects_like_a_stable_sort() -> None:
         want = torch.where(torch.isfinite(score.gather(-1, order)), order, -1)
         want = torch.cat([want, want.new_full((200, max(0, count - 40)), -1)], dim=-1)
         assert torch.equal(_smallest(score, count), want)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 100])
+def test_route_to_volume_on_a_surface_matches_brute_force_in_float32(chunk_size: int | None) -> None:
+    """Thousands of queries on a sphere shell (runs, bounding-box pruning, chunks by width) in float32,
+    where rounding and exact ties decide: the full stable ranking of every block is the oracle."""
+    generator = torch.Generator().manual_seed(7)
+    direction = torch.randn(3000, 3, generator=generator)
+    voxels = (direction / direction.norm(dim=-1, keepdim=True) * 20 + 24).round().long()  # shell of a 48^3 grid
+    blocks = partition(voxels, (4, 4, 4))
+    points = (blocks.sort(voxels).float() + 0.5) / 24 - 1
+    centres = blocks.centres(points)
+    queries = torch.cat([points, points[:50] * 1.7, torch.zeros(1, 3)])  # on the shell, far outside, the centre
+    cu, top_n = torch.tensor([0, len(queries)]), 8
+    selected = route_to_volume(queries, centres, cu, blocks.block_cu, top_n, chunk_size=chunk_size)
+    distance = ((queries[:, None] - centres[None]) ** 2).sum(-1)
+    want = torch.sort(distance, dim=-1, stable=True).indices[:, :top_n]
+    assert torch.equal(selected, want)
+
+
+def test_smallest_orders_signed_scores_and_odd_values() -> None:
+    """Negative scores (score routing ranks -importance), -0.0 tying with 0.0, NaN never chosen, low precision."""
+    from backend.model.routing import _smallest
+
+    score = torch.tensor([[0.5, -0.0, 0.0, -2.0, float("nan"), 3.0]])
+    assert _smallest(score, 7).tolist() == [[3, 1, 2, 0, 5, -1, -1]]
+    generator = torch.Generator().manual_seed(4)
+    score = torch.randn(64, 300, generator=generator).to(torch.bfloat16)  # many exact ties
+    order = torch.sort(score.float(), dim=-1, stable=True).indices[:, :20]
+    assert torch.equal(_smallest(score, 20), order)

@@ -55,6 +55,25 @@ def _scaled(x, scale, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(
+    Q, num_queries, kv_heads, stride_q, scale_log2,
+    G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """This program's tile of T queries x the G query heads of KV head h, as ROWS rows: h, the program's
+    index over (tile, KV head), each row's query and head, which rows exist, the head dims, and q scaled
+    so that scores come out in log2 units (exp2 without a multiply per score)."""
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    query = tile * T + rows // G
+    head = h * G + rows % G
+    row_ok = (rows < T * G) & (query < num_queries)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    return h, tile * kv_heads + h, query, head, row_ok, dims, _scaled(q, scale_log2, UPCAST)
+
+
+@triton.jit
 def _step_keys(
     START, SHIFT, SIZE, MEMBERS, entries, count, first, step,
     G: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WINDOW: tl.constexpr,
@@ -93,19 +112,12 @@ def _forward_kernel(
     BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    query = tile * T + rows // G
-    head = h * G + rows % G
-    row_ok = (rows < T * G) & (query < num_queries)
-    dims = tl.arange(0, D)
-    q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-    q = _scaled(q, scale_log2, UPCAST)  # scores come out in log2 units: exp2 without a multiply per score
+    h, program, query, head, row_ok, dims, q = _query_tile(
+        Q, num_queries, kv_heads, stride_q, scale_log2, G, T, ROWS, D, UPCAST
+    )
     m = tl.full([ROWS], -1.0e30, tl.float32)  # finite: a row without keys keeps p = 0, never NaN
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    program = tile * kv_heads + h
     entries = program * width
     count = tl.load(COUNTS + program)
     for step in range(tl.load(STEPS + program)):
@@ -139,20 +151,13 @@ def _dq_kernel(
     BLOCK_K: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    query = tile * T + rows // G
-    head = h * G + rows % G
-    row_ok = (rows < T * G) & (query < num_queries)
-    dims = tl.arange(0, D)
-    q = tl.load(Q + query[:, None] * stride_q + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-    q = _scaled(q, scale_log2, UPCAST)
+    h, program, query, head, row_ok, dims, q = _query_tile(
+        Q, num_queries, kv_heads, stride_q, scale_log2, G, T, ROWS, D, UPCAST
+    )
     do = tl.load(DO + query[:, None] * stride_do + head[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE2 + query * (kv_heads * G) + head, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + query * (kv_heads * G) + head, mask=row_ok, other=0.0)
     dq = tl.zeros([ROWS, D], tl.float32)
-    program = tile * kv_heads + h
     entries = program * width
     count = tl.load(COUNTS + program)
     for step in range(tl.load(STEPS + program)):
