@@ -138,6 +138,7 @@ def route_to_image(
     block_sizes = blocks.block_sizes
     max_len = int(block_sizes.max()) if block_sizes.numel() else 0
     views_of_block = blocks.block_coords[:, 0].contiguous()
+    boxes = _token_boxes(token_xyz.to(query_xyz.dtype), blocks.block_offsets, max_len)
     for obj, (q_start, q_end, b_start, b_end) in enumerate(_object_ranges(q_token_cu, blocks.block_cu)):
         if b_end == b_start or q_end == q_start:
             continue
@@ -160,7 +161,14 @@ def route_to_image(
             )
             candidates = candidates.masked_fill(depth[..., None] <= 0, -1)  # behind the camera
             candidates = candidates.transpose(0, 1).flatten(1)  # [C, V * pv]
-            distance = _min_block_distance(points, candidates, token_xyz, blocks.block_offsets, max_len)
+            # Only the candidates that can make the top_n get their exact distance; the rest stay +inf.
+            keep = _may_rank(points, candidates, boxes, top_n)
+            width = int(keep.sum(1).max())
+            first_kept = (~keep).to(torch.uint8).sort(dim=1, stable=True).indices[:, :width]  # [C, W]
+            kept = candidates.gather(1, first_kept).masked_fill(~keep.gather(1, first_kept), -1)
+            exact = _min_block_distance(points, kept, token_xyz, blocks.block_offsets, max_len)
+            distance = torch.full(candidates.shape, float("inf"), dtype=exact.dtype, device=device)
+            distance = distance.scatter(1, first_kept, exact)
             # Candidates of different views are distinct blocks; sort them by index first so that the
             # stable sort by distance breaks ties towards the lower block index.
             candidates, by_index = candidates.masked_fill(candidates < 0, torch.iinfo(torch.long).max).sort(dim=1)
@@ -169,6 +177,41 @@ def route_to_image(
             chosen = candidates.gather(1, best.clamp_min(0))
             selected[s:e] = torch.where(best >= 0, chosen, -1)
     return selected
+
+
+def _token_boxes(
+    token_xyz: torch.Tensor, block_offsets: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block [Bk, 3]: the bounding box (low, high) of its token points and its first token's point."""
+    starts = block_offsets[:-1]
+    in_block = torch.arange(max(max_len, 1), device=starts.device) < (block_offsets[1:] - starts)[:, None]
+    points = token_xyz[
+        torch.where(in_block, starts[:, None] + torch.arange(in_block.shape[1], device=starts.device), 0)
+    ]
+    low = points.masked_fill(~in_block[..., None], float("inf")).amin(1)
+    high = points.masked_fill(~in_block[..., None], float("-inf")).amax(1)
+    return low, high, token_xyz[starts.clamp_max(max(len(token_xyz) - 1, 0))]
+
+
+def _may_rank(
+    points: torch.Tensor, candidates: torch.Tensor, boxes: tuple[torch.Tensor, ...], top_n: int
+) -> torch.Tensor:
+    """[C, M] True for the candidate blocks [C, M] (-1 none) that can be among a point's top_n nearest.
+
+    A block is ruled out when the nearest its token box can be is beyond the top_n-th smallest distance
+    to the candidates' first tokens (each block's smallest distance is at most that), widened by the
+    rounding of the exact distances (relative, a few units in the last place) as in `_candidates`.
+    """
+    valid = candidates >= 0
+    if candidates.shape[1] <= top_n:
+        return valid
+    low, high, first = (x[candidates.clamp_min(0)] for x in boxes)  # [C, M, 3]
+    p = points[:, None, :]
+    nearest = ((low - p).clamp_min(0) + (p - high).clamp_min(0)).square().sum(-1)
+    reach = _squared_distance(p, first).masked_fill(~valid, float("inf"))
+    bound = reach.topk(top_n, dim=1, largest=False).values[:, -1:]
+    info = torch.finfo(points.dtype)
+    return valid & (nearest <= bound * (1.0 + 16 * info.eps) + 64 * info.tiny)
 
 
 def _min_block_distance(

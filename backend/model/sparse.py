@@ -79,7 +79,9 @@ def patch_points(field: SurfaceField, cameras: Cameras, patches: torch.Tensor, p
     """
     centres = (patches[:, 1:].flip(-1).float() + 0.5) * patch  # (x, y) pixels
     origins, directions = pixel_rays(cameras[patches[:, 0].to(cameras.device)], centres[:, None, :])
-    points, _ = peak_points(field, origins[:, 0], directions[:, 0], RenderOptions(samples=32, importance_samples=32))
+    # 16K rays a chunk: few large launches instead of many small ones (some 100 MB of decoder work each).
+    options = RenderOptions(samples=32, importance_samples=32, chunk_rays=16384)
+    points, _ = peak_points(field, origins[:, 0], directions[:, 0], options)
     return points
 
 
