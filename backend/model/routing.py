@@ -282,10 +282,7 @@ def _runs(points: torch.Tensor) -> torch.Tensor:
     """
     low, high = points.amin(0), points.amax(0)
     cells = ((points - low) / (high - low).clamp_min(1e-12) * 1023).long().clamp(0, 1023)
-    code = torch.zeros(len(points), dtype=torch.long, device=points.device)
-    for bit in range(10):
-        for axis in range(3):
-            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    code = _spread_bits(cells[:, 0]) | _spread_bits(cells[:, 1]) << 1 | _spread_bits(cells[:, 2]) << 2
     code, order = code.sort()
     shifts = range(0, 31, 3)  # octree levels, finest first
     occupied = torch.stack([((code[1:] >> s) != (code[:-1] >> s)).sum() + 1 for s in shifts]).tolist()
@@ -298,6 +295,14 @@ def _runs(points: torch.Tensor) -> torch.Tensor:
     runs = torch.full((int(run[-1]) + 1, _GROUP), -1, dtype=torch.long, device=code.device)
     runs[run, position % _GROUP] = order
     return torch.where(runs < 0, runs[:, :1], runs)
+
+
+def _spread_bits(x: torch.Tensor) -> torch.Tensor:
+    """The 10 low bits of x spread to every third bit (bit i to bit 3i), for Z-order codes."""
+    x = (x | x << 16) & 0x030000FF
+    x = (x | x << 8) & 0x0300F00F
+    x = (x | x << 4) & 0x030C30C3
+    return (x | x << 2) & 0x09249249
 
 
 def _candidates(runs: torch.Tensor, centres: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
