@@ -62,9 +62,10 @@ def score_routing(
         chunk = _chunk(chunk_size, q_heads * (b_end - b_start), q_end - q_start)
         for s in range(q_start, q_end, chunk):
             e = min(s + chunk, q_end)
-            grouped = q[s:e].to(dtype).view(e - s, kv_heads, -1, head_dim)  # [C, Hkv, G, D]
-            probs = torch.softmax(torch.matmul(grouped, keys) * scale, dim=-1)  # [C, Hkv, G, Bi]
-            importance = probs.sum(dim=2)  # [C, Hkv, Bi]
+            # One GEMM per KV head over all its query rows (a broadcast matmul would copy the keys per query).
+            rows = q[s:e].to(dtype).view(e - s, kv_heads, -1, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
+            probs = torch.softmax(torch.bmm(rows, keys) * scale, dim=-1)  # [Hkv, C * G, Bi]
+            importance = probs.view(kv_heads, e - s, -1, b_end - b_start).sum(dim=2).transpose(0, 1)  # [C, Hkv, Bi]
             selected[s:e] = _shift(_smallest(-importance, top_n), b_start)
     return selected
 
