@@ -56,11 +56,11 @@ def informative_voxels(
         centres = voxel_centres(candidates, resolution).to(device)
         keep = torch.cat([field.sdf(part).abs() < band for part in centres.split(_POINTS_PER_CALL)])
         offsets = offsets[offsets.abs().sum(-1) > 0]  # the centre is decided
-    undecided = (~keep).nonzero()[:, 0]
-    for part in undecided.split(max(1, _POINTS_PER_CALL // len(offsets))):
+    undecided = (~keep).nonzero()[:, 0] if len(offsets) else keep.new_zeros(0, dtype=torch.long)
+    for part in undecided.split(max(1, _POINTS_PER_CALL // max(len(offsets), 1))):
         centres = voxel_centres(candidates[part.cpu()], resolution).to(device)
         points = (centres[:, None] + offsets).reshape(-1, 3)
-        keep[part] = field.sdf(points).abs().reshape(len(part), -1).amin(1) < band
+        keep[part] = field.sdf(points).abs().reshape(len(part), len(offsets)).amin(1) < band
     return candidates[keep.cpu()]
 
 
