@@ -116,6 +116,8 @@ def probe(field: SurfaceField, result, cameras, images, masks, environment, name
 
     def quartiles(values: torch.Tensor) -> list[float]:
         values = values[hit > 0]
+        if not len(values):
+            return []
         return [round(float(q), 3) for q in torch.quantile(values, torch.tensor([0.25, 0.5, 0.75]))]
 
     subset = torch.randperm(len(masks), generator=generator)[:SILHOUETTE_RAYS]  # seeded; all pixels take minutes
@@ -135,8 +137,8 @@ def probe(field: SurfaceField, result, cameras, images, masks, environment, name
         compared["truth_surface_distance"] = round(float(truth.sdf.abs().median()), 4)
     return {
         **compared,
-        "training_psnr": result.training_psnr,
-        "beta": float(field.beta),
+        "training_psnr": result.report.training_psnr,
+        "beta": float(field.beta.detach()),
         "offset_mean": float(sample.offset[hit > 0].mean()),
         "offset_abs_over_voxel": float((sample.offset[hit > 0].abs() > voxel).float().mean()),
         "roughness_quartiles": quartiles(sample.roughness),
@@ -144,7 +146,7 @@ def probe(field: SurfaceField, result, cameras, images, masks, environment, name
         "albedo_mean": [round(float(v), 3) for v in sample.albedo[hit > 0].mean(0)],
         "mesh_silhouette_recall": recall,
         "mesh_silhouette_precision": precision,
-        "stages": result.refine_report.as_dict()["stages"],
+        "stages": result.report.as_dict()["stages"],
     }
 
 
