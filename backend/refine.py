@@ -53,6 +53,10 @@ class DivergenceError(RuntimeError):
 @dataclass(frozen=True)
 class LossWeights:
     mask: float = 0.5  # binary cross-entropy of rendered opacity against the mask
+    # The same cross-entropy for the SDF's zero level set (the surface that becomes the mesh): a ray covers its
+    # pixel when its smallest SDF sample is below 0, softened by beta. Without it the exported surface sits
+    # inside the rendered silhouette, which a soft VolSDF density widens by a few beta at grazing rays.
+    silhouette: float = 0.0
     photometric: float = 1.0  # L1 of premultiplied linear RGB against image x mask
     eikonal: float = 0.2  # (|grad sdf| - 1)^2 along the rays and at random points in the box
     smoothness: float = 0.3  # squared difference of unit normals at nearby surface points
@@ -316,6 +320,9 @@ def _losses(
         "mask": F.binary_cross_entropy(alpha, mask),
         "photometric": (encode(_clipped(out)) - encode(rays.colours[batch])).abs().mean(),
     }
+    if config.weights.silhouette:
+        logits = -out.min_sdf / model.beta.detach()
+        terms["silhouette"] = F.binary_cross_entropy_with_logits(logits, mask)
 
     # Regularisers at pairs of points scattered around each ray's rendered surface point, and at random
     # points in the box (the eikonal term must hold where no ray has looked yet). Rays that hit nothing

@@ -41,6 +41,8 @@ class RenderOutput:
     yields them; alpha is the accumulated opacity. depth is the expected distance along the ray to the
     visible surface and normal its unit SDF-gradient normal (canonical frame), both zero where alpha is 0.
     eikonal is the mean (|grad sdf| - 1)^2 over the ray's samples, for refinement's regulariser.
+    min_sdf is the smallest SDF sample on the ray (LIRM's offset left out): below 0 where the zero level set,
+    the surface that becomes the mesh, covers the pixel; refinement's silhouette loss reads it.
     """
 
     rgb: torch.Tensor
@@ -51,6 +53,7 @@ class RenderOutput:
     roughness: torch.Tensor
     metallic: torch.Tensor
     eikonal: torch.Tensor
+    min_sdf: torch.Tensor
 
     def composite(self, background: torch.Tensor | float) -> torch.Tensor:
         """rgb over a background colour or image (broadcastable to rgb)."""
@@ -158,7 +161,7 @@ def render_rays(
     ]
     if not outputs:
         empty = origins.new_zeros(0, 1)
-        return RenderOutput(*(empty.expand(0, c) for c in (3, 1, 1, 3, 3, 1, 1, 1)))
+        return RenderOutput(*(empty.expand(0, c) for c in (3, 1, 1, 3, 3, 1, 1, 1, 1)))
     return RenderOutput.cat(outputs)
 
 
@@ -184,6 +187,7 @@ def _render_chunk(
         gradient, sample = _sdf_gradient(field, points, differentiable)
 
     sdf = sample.sdf.reshape(rays, samples)
+    min_sdf = sdf.amin(1, keepdim=True)
     if sample.offset is not None:
         sdf = sdf + sample.offset.reshape(rays, samples)
     weights = _weights(sdf, field.beta, bins.diff(dim=-1))[..., None]  # [rays, samples, 1]
@@ -220,7 +224,7 @@ def _render_chunk(
         rgb = accumulate(sample.radiance)
     else:
         raise ValueError("rendering needs an environment to shade under, or a field with a radiance head")
-    return RenderOutput(rgb, alpha, depth * (alpha > 1e-6), normal, albedo, roughness, metallic, eikonal)
+    return RenderOutput(rgb, alpha, depth * (alpha > 1e-6), normal, albedo, roughness, metallic, eikonal, min_sdf)
 
 
 def _sdf_gradient(

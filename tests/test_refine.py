@@ -1,5 +1,6 @@
 """Engine B: refinement of a tiny synthetic object against its own rendered views (CPU)."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -105,6 +106,30 @@ def test_beta_ends_under_its_bound_and_the_metallic_prior_pulls_metal_down(views
     with torch.no_grad():
         assert result.field(points).metallic.mean() < plain.field(points).metallic.mean()
     assert {"metallic_prior", "roughness_prior"} <= set(result.report.stages["coarse"].losses)
+
+
+def _covered(field, cameras, masks, environment) -> float:
+    """Share of the mask's pixels that the field's zero level set (the exported surface) covers."""
+    with torch.no_grad():
+        out = render_views(field, cameras, environment, RenderOptions(samples=16, importance_samples=16))
+    return float((out.min_sdf[..., 0] < 0)[masks >= 0.5].float().mean())
+
+
+def test_the_silhouette_term_grows_a_shrunken_zero_level_set_back_to_the_masks(views):
+    _, cameras, images, masks, environment = views
+    start = refine(cameras, images, masks, dataclasses.replace(TINY, coarse_steps=0, fine_steps=0)).field
+    with torch.no_grad():
+        start.decoder.geometry.bias[0] += 0.05  # the surface moves inwards by a few voxels
+    only = {name: 0.0 for name in vars(TINY.weights)}
+    config = dataclasses.replace(TINY, coarse_steps=20, fine_steps=0, final_beta=None)
+    before = _covered(start, cameras, masks, environment)
+    for weight, grows in ((0.0, False), (1.0, True)):
+        weights = dataclasses.replace(TINY.weights, **{**only, "silhouette": weight})
+        field = copy.deepcopy(start)
+        config = dataclasses.replace(config, weights=weights)
+        refine(cameras, images, masks, config, environment=environment, start=field)
+        after = _covered(field, cameras, masks, environment)
+        assert (after > before + 0.2) == grows, (weight, before, after)
 
 
 def test_cancel_stops_with_cancelled_and_progress_names_the_stages(views):

@@ -118,3 +118,22 @@ def test_rendering_is_differentiable_for_a_learned_field():
     radiance = render_rays(field, origins, directions, None, options).rgb.mean()
     radiance.backward()
     assert field.decoder.radiance.weight.grad.abs().sum() > 0
+
+
+def test_min_sdf_is_the_zero_level_silhouette_that_the_soft_density_widens():
+    # A ray's smallest SDF sample is its closest approach to the surface (the sphere's: distance to the
+    # centre minus the radius). Opacity reaches 0.5 on rays that miss the zero level set by a few beta: that
+    # is why refinement also fits the zero level set's own silhouette to the masks (the mesh is that set).
+    beta = 0.02
+    cameras = camera_on_z(size=32)
+    with torch.no_grad():
+        out = render_views(sphere(beta), cameras, None, RenderOptions(samples=64, importance_samples=64))
+    from backend.cameras import image_rays
+
+    origins, directions = image_rays(cameras)
+    closest = ((origins * origins).sum(-1) - (origins * directions).sum(-1) ** 2).sqrt()
+    min_sdf, alpha = out.min_sdf[..., 0], out.alpha[..., 0]
+    near = (closest - RADIUS).abs() < 5 * beta  # where samples crowd around the surface
+    assert (min_sdf - (closest - RADIUS))[near].abs().max() < 0.01
+    widened = (alpha > 0.5) & (min_sdf > beta)
+    assert widened.any() and not ((alpha < 0.5) & (min_sdf < -beta)).any()
