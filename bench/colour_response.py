@@ -50,7 +50,6 @@ def fit(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
 def measure(model: LSRM, objects: int, inputs: int, stages: int, device: torch.device) -> dict:
     size = model.config.image_size
     bank = EnvironmentBank(("studio",), device)
@@ -60,11 +59,12 @@ def measure(model: LSRM, objects: int, inputs: int, stages: int, device: torch.d
     for seed in range(FIRST_SEED, FIRST_SEED + objects):
         viewset = synthetic_viewset(seed, inputs, size, bank, device, options)
         batch = sample_batch([viewset], inputs, 0, model.config.background, generator)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            field = model(batch.views, stages=stages).fields[0]
         points = surface_points(viewset.truth, torch.rand(8192, 3, generator=generator).to(device) * 2 - 1)
-        predicted = linear_to_srgb(field.detached()(points).albedo.float())
-        true = linear_to_srgb(viewset.truth(points).albedo)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            field = model(batch.views, stages=stages).fields[0].detached()
+        with torch.no_grad():
+            predicted = linear_to_srgb(field(points).albedo)
+            true = linear_to_srgb(viewset.truth(points).albedo)
         rows.append(
             {
                 "seed": seed,
