@@ -92,15 +92,17 @@ def unprojected(tokens: torch.Tensor, cameras: list[Cameras], points: torch.Tens
     """The image tokens [B, V, h, w, C] read at the projections of points [N, 3] and averaged over the views
     that see each point in front of them: [B, N, C]. The cameras are those of the images the tokens cover."""
     out = []
-    for b in range(tokens.shape[0]):
-        pixels, depth = project(cameras[b], points)  # [V, N, 2] on the image plane, [V, N]
-        size = torch.tensor([cameras[b].width, cameras[b].height], device=pixels.device, dtype=pixels.dtype)
-        grid = pixels / size * 2.0 - 1.0  # the token map spans the image, so grid_sample's [-1, 1] is its border
-        seen = ((depth > 0) & (grid.abs() <= 1.0).all(-1)).to(tokens.dtype)  # [V, N]
-        maps = tokens[b].permute(0, 3, 1, 2)  # [V, C, h, w]
-        read = F.grid_sample(maps, grid[:, :, None, :].to(maps.dtype), align_corners=False)[..., 0]  # [V, C, N]
-        total = (read * seen[:, None, :]).sum(0)  # [C, N]
-        out.append((total / seen.sum(0).clamp_min(1.0)).T)
+    # float32 throughout: projections and sample positions in bf16 would be off by pixels
+    with torch.autocast(tokens.device.type, enabled=False):
+        for b in range(tokens.shape[0]):
+            pixels, depth = project(cameras[b], points.float())  # [V, N, 2] on the image plane, [V, N]
+            size = torch.tensor([cameras[b].width, cameras[b].height], device=pixels.device, dtype=pixels.dtype)
+            grid = pixels / size * 2.0 - 1.0  # the token map spans the image: grid_sample's [-1, 1] is its border
+            seen = ((depth > 0) & (grid.abs() <= 1.0).all(-1)).float()  # [V, N]
+            maps = tokens[b].permute(0, 3, 1, 2).float()  # [V, C, h, w]
+            read = F.grid_sample(maps, grid[:, :, None, :], align_corners=False)[..., 0]  # [V, C, N]
+            total = (read * seen[:, None, :]).sum(0)  # [C, N]
+            out.append((total / seen.sum(0).clamp_min(1.0)).T)
     return torch.stack(out)
 
 
