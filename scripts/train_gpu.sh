@@ -6,6 +6,8 @@
 #                                           # within SECONDS, starting from the weights INIT when given
 #                                           # (e.g. out/checkpoints/lsrm_small_step1516.safetensors)
 #   scripts/train_gpu.sh stage2 [SECONDS]   # a short stage 2 from $OUT/stage1 (tokens picked by known geometry)
+#   scripts/train_gpu.sh colour [CHECKPOINT]  # ~1 min: does the model see colour? (bench/colour_response.py on
+#                                           # $OUT/stage1/model.safetensors by default; `train` runs it at the end)
 #
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
 # optimizer state, log.jsonl, eval/*.png). Rerunning `train` with the same $OUT resumes the run.
@@ -55,13 +57,18 @@ train)
         RECIPE+=(--init "$INIT" --warmup 30)  # continuing trained weights: a short warm-up of the new optimizer
     fi
     launch "$GPUS" -m backend train --out "$OUT/stage1" --stage 1 --steps 0 --time-limit "$SECONDS_LIMIT" "${RECIPE[@]}"
+    python bench/colour_response.py --checkpoint "$OUT/stage1/model.safetensors" --out "$OUT/bench/colour_response.json"
+    ;;
+colour)
+    python bench/colour_response.py --checkpoint "${2:-$OUT/stage1/model.safetensors}" \
+        --out "$OUT/bench/colour_response.json"
     ;;
 stage2)
     launch "$GPUS" -m backend train --out "$OUT/stage2" --stage 2 --init "$OUT/stage1/model.safetensors" \
         --steps 0 --time-limit "$SECONDS_LIMIT" --guide truth "${RECIPE[@]}" --warmup 20 --lr 2e-4
     ;;
 *)
-    echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] [INIT] | stage2 [SECONDS]" >&2
+    echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] [INIT] | stage2 [SECONDS] | colour [CHECKPOINT]" >&2
     exit 2
     ;;
 esac

@@ -43,7 +43,9 @@ def test_a_few_steps_decrease_the_loss_on_a_fixed_batch() -> None:
     optimiser = torch.optim.AdamW(parameters, lr=2e-3)
     losses = LossConfig(rays=256, depth=0.5, material=0.5, sdf=1.0)
     history = []
-    for _ in range(8):
+    # 12 steps: with the unprojection the fresh model starts lower (0.57 against 0.61) and reaches the same
+    # loss by step 8, so 8 steps no longer made a 20% drop (0.81); 12 make 0.74.
+    for _ in range(12):
         generator = torch.Generator().manual_seed(1)  # the same rays every step: a fixed batch
         loss, terms, counts = batch_loss(model, model, batch, 1, losses, "model", generator)
         optimiser.zero_grad()

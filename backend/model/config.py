@@ -39,6 +39,10 @@ class ModelConfig:
     radiance: bool = False  # also decode an emitted colour (novel-view variant)
     background: bool = True  # inverse-rendering variant: encode a background image per view (LIRM)
     encoder_channels: int = 0  # features of a frozen image encoder per patch; 0 = no encoder (none ships)
+    # Our addition, not the paper's: each stage-1 volume token also starts from the image tokens at its centre's
+    # projection in every view (mean over the views that see it), so colour reaches the volume before attention
+    # has learned where to look (docs/TRAINING.md, "Why colour did not learn, part 2"). False in old checkpoints.
+    unproject: bool = False
 
     # Stage 2: sparse tokens near the surface.
     sparse_image_size: int = 512  # views are resized to this for stage-2 image tokens
@@ -114,8 +118,9 @@ CONFIGS: dict[str, ModelConfig] = {
         selected_image_blocks=3,
         selected_volume_blocks=3,
         image_candidates_per_view=3,
+        unproject=True,
     ),
-    "small": ModelConfig(),  # about 45 MB of bf16 weights (tests/test_model.py checks the 48 MB limit)
+    "small": ModelConfig(unproject=True),  # about 45 MB of bf16 weights (tests/test_model.py checks the 48 MB limit)
     "paper": ModelConfig(
         hidden=1024,
         blocks=24,
@@ -135,5 +140,6 @@ CONFIGS: dict[str, ModelConfig] = {
         selected_image_blocks=16,
         selected_volume_blocks=16,
         image_candidates_per_view=4,
+        unproject=True,
     ),
 }

@@ -90,7 +90,7 @@ def view_loss(
     if truth is not None and (config.sdf > 0 or config.surface_material > 0):
         uniform = torch.rand(config.sdf_points, 3, generator=generator).to(images.device) * 2 - 1
         with torch.no_grad():
-            on = uniform - truth.sdf(uniform)[:, None] * _unit_gradient(truth, uniform)  # projected to the surface
+            on = _projected(truth, uniform)
             near = (on + 0.1 * torch.randn(on.shape, generator=generator).to(on)).clamp(-1, 1)
             points = torch.cat([uniform, near])
             target = truth.sdf(points)
@@ -99,7 +99,7 @@ def view_loss(
             weights["sdf"] = config.sdf
         if config.surface_material > 0:
             with torch.no_grad():
-                on = on[truth.sdf(on).abs() < SURFACE_BAND]  # projections of far points can miss a CSG surface
+                on = _on_surface(truth, on)
                 true = truth(on)
             predicted = surface(on)
             for name in ("albedo", "roughness", "metallic"):
@@ -107,6 +107,21 @@ def view_loss(
                 weights[f"surface_{name}"] = config.surface_material
     terms["total"] = sum(weights[name] * value for name, value in terms.items())
     return terms
+
+
+def surface_points(truth: SurfaceField, points: torch.Tensor) -> torch.Tensor:
+    """Points [N, 3] projected onto a known surface, keeping those that land on it: [M, 3] (no gradient)."""
+    with torch.no_grad():
+        return _on_surface(truth, _projected(truth, points))
+
+
+def _projected(truth: SurfaceField, points: torch.Tensor) -> torch.Tensor:
+    """One Newton step along the unit SDF gradient: exact for exact distances, close for CSG blends."""
+    return points - truth.sdf(points)[:, None] * _unit_gradient(truth, points)
+
+
+def _on_surface(truth: SurfaceField, points: torch.Tensor) -> torch.Tensor:
+    return points[truth.sdf(points).abs() < SURFACE_BAND]  # projections of far points can miss a CSG surface
 
 
 def _material_error(name: str, predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

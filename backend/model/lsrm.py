@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..cameras import Cameras, image_rays, plucker
+from ..cameras import Cameras, image_rays, plucker, project
 from ..colour import linear_to_srgb
 from ..field import FieldDecoder, GridField, SurfaceField, read_dense, voxel_centres
 from ..progress import Progress, no_progress
@@ -88,13 +88,37 @@ def unpatchify(tokens: torch.Tensor, resolution: int, upsample: int, channels: i
     return x.reshape(batch, channels, r * u, r * u, r * u)
 
 
+def unprojected(tokens: torch.Tensor, cameras: list[Cameras], points: torch.Tensor) -> torch.Tensor:
+    """The image tokens [B, V, h, w, C] read at the projections of points [N, 3] and averaged over the views
+    that see each point in front of them: [B, N, C]. The cameras are those of the images the tokens cover."""
+    out = []
+    # float32 throughout: projections and sample positions in bf16 would be off by pixels
+    with torch.autocast(tokens.device.type, enabled=False):
+        for b in range(tokens.shape[0]):
+            pixels, depth = project(cameras[b], points.float())  # [V, N, 2] on the image plane, [V, N]
+            size = torch.tensor([cameras[b].width, cameras[b].height], device=pixels.device, dtype=pixels.dtype)
+            grid = pixels / size * 2.0 - 1.0  # the token map spans the image: grid_sample's [-1, 1] is its border
+            seen = ((depth > 0) & (grid.abs() <= 1.0).all(-1)).float()  # [V, N]
+            maps = tokens[b].permute(0, 3, 1, 2).float()  # [V, C, h, w]
+            read = F.grid_sample(maps, grid[:, :, None, :], align_corners=False)[..., 0]  # [V, C, N]
+            total = (read * seen[:, None, :]).sum(0)  # [C, N]
+            out.append((total / seen.sum(0).clamp_min(1.0)).T)
+    return torch.stack(out)
+
+
 class Stage(nn.Module):
     """One stage's tokenisers, blocks and output layer; stage 2 has the same names so it loads stage 1's."""
 
-    def __init__(self, config: ModelConfig, block: type[nn.Module], volume_resolution: int) -> None:
+    def __init__(
+        self, config: ModelConfig, block: type[nn.Module], volume_resolution: int, unproject: bool = False
+    ) -> None:
         super().__init__()
         self.image_tokens = ImageTokenizer(config.hidden, config.patch_size, config.background, config.encoder_channels)
         self.volume_tokens = VolumeEmbedding(config.hidden, volume_resolution)
+        # ModelConfig.unproject: volume tokens add a projection of the image tokens seen at their centres, and the
+        # dense volume's voxels one of the input colours seen at theirs.
+        self.unproject = nn.Linear(config.hidden, config.hidden) if unproject else None
+        self.unproject_colour = nn.Linear(3, config.channels) if unproject else None
         self.blocks = nn.ModuleList(block(config) for _ in range(config.blocks))
         if block is SparseBlock:
             self.blocks[-1] = SparseBlock(config, last=True)
@@ -112,7 +136,7 @@ class LSRM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.dense = Stage(config, DenseBlock, config.volume_tokens)
+        self.dense = Stage(config, DenseBlock, config.volume_tokens, unproject=config.unproject)
         self.sparse = Stage(config, SparseBlock, config.sparse_volume_tokens)
         self.decoder = FieldDecoder(config.field)
         field = config.field
@@ -165,6 +189,8 @@ class LSRM(nn.Module):
             patch_grid = image.shape[2:4]
             i = image.flatten(1, 3)
             v = self.dense.volume_tokens.grid().expand(batch, -1, -1)
+            if self.dense.unproject is not None:
+                v = v + self.dense.unproject(unprojected(image, low.cameras, _grid_centres(config.volume_tokens, v)))
         with section("stage 1"):
             for index, block in enumerate(self.dense.blocks):
                 v, i = self._run(block, v, i)
@@ -173,6 +199,11 @@ class LSRM(nn.Module):
             dense = unpatchify(
                 self.dense.unpatchify(self.dense.norm(v)), config.volume_tokens, config.upsample, config.channels
             )
+            if self.dense.unproject_colour is not None:
+                resolution = dense.shape[-1]
+                colours = unprojected(network_colour(low.images), low.cameras, _grid_centres(resolution, dense))
+                seen = self.dense.unproject_colour(colours)  # [B, R^3, C], x-major like the volume
+                dense = dense + seen.transpose(1, 2).reshape(dense.shape)
             dense_fields = [self.field(dense[b]) for b in range(batch)]
         counts = {"stage-1 volume tokens": v.shape[1], "stage-1 image tokens": i.shape[1]}
         if stages == 1:
@@ -254,6 +285,12 @@ def _fine_voxels(
     offsets = torch.cartesian_prod(steps, steps, steps)  # x-major, as unpatchify lays them out
     fine = (voxels[:, None, :] * upsample + offsets).reshape(-1, 3)
     return fine, residual.reshape(-1, channels)
+
+
+def _grid_centres(resolution: int, like: torch.Tensor) -> torch.Tensor:
+    """Centres [R^3, 3] of a cell-centred grid over the canonical box, x-major (as tokens and volumes are laid out)."""
+    axis = torch.arange(resolution, device=like.device)
+    return voxel_centres(torch.cartesian_prod(axis, axis, axis), resolution).to(like.device)
 
 
 def _init_weights(module: nn.Module) -> None:
