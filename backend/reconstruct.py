@@ -22,15 +22,16 @@ from .errors import InputError
 from .export import check_export_arguments, export_glb
 from .feedforward import load_model, predict
 from .field import GridField, SurfaceField
-from .presets import get_preset
+from .presets import Preset, get_preset
 from .progress import Progress, StageTimer, no_progress
-from .refine import Cancelled, DivergenceError, RefineReport, refine
+from .refine import Cancelled, DivergenceError, RefineReport, RefineResult, refine
 from .shading import Environment
 
 # feedforward: Engine A alone; refine: Engine B from the visual hull; both: Engine B from Engine A's field.
 ENGINES = ("feedforward", "refine", "both")
 MIN_VIEWS = 2  # one view cannot place a surface in depth
 FEW_VIEWS = 4  # below this the back of the object is guessed: say so
+MIN_SURFACE_COVERAGE = 0.5  # a refined surface meeting fewer of the mask's rays than this has collapsed
 MASK_THRESHOLD = 0.5  # a pixel at or above this mask value is foreground
 # A view "sees the box" when any point of this lattice over the canonical box projects into its image.
 BOX_PROBE_POINTS = 9
@@ -121,21 +122,16 @@ def reconstruct(
         field = predict(model, cameras.to(device), bundle.images, bundle.masks, environment, progress)
         lap("feed-forward")
     if engine != "feedforward":
-        try:
-            result = refine(
-                cameras.to(device),
-                bundle.images,
-                bundle.masks,
-                chosen.refine,
-                environment=environment,
-                start=field.to_feature_field() if isinstance(field, GridField) else None,
-                progress=progress,
-                should_stop=should_stop,
-            )
-        except DivergenceError as error:
+        result, attempts = _refine_with_one_retry(
+            cameras.to(device), bundle, chosen, environment, field, progress, should_stop
+        )
+        if result.report.surface_coverage < MIN_SURFACE_COVERAGE:
             raise InputError(
-                f"the reconstruction diverged ({error}); check that the masks and camera poses match the images."
-            ) from None
+                f"the reconstructed surface covers only {result.report.surface_coverage:.0%} of the masks, twice; "
+                "check that the masks and camera poses match the images, or try another preset."
+            )
+        if attempts > 1:
+            warnings.append("the first refinement collapsed (its surface missed the masks); a second seed was used.")
         timings.update({stage: report.seconds for stage, report in result.report.stages.items()})
         field, refine_report = result.field, result.report
     if should_stop is not None and should_stop():
@@ -168,6 +164,40 @@ def reconstruct(
         field=field,
         normalisation=normalisation,
     )
+
+
+def _refine_with_one_retry(
+    cameras: Cameras,
+    bundle: Bundle,
+    chosen: Preset,
+    environment: Environment | None,
+    field: SurfaceField | None,
+    progress: Progress,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[RefineResult, int]:
+    """Engine B from the given start, and the attempts it took: once more with the next seed when the surface
+    misses the masks. GPU refinements are not bit-reproducible; one of 18 H200 dev-set runs collapsed to a
+    20-face surface, and the same asset and preset ran normally when repeated (docs/REFINEMENT.md)."""
+    config = chosen.refine
+    for attempt in range(2):
+        try:
+            result = refine(
+                cameras,
+                bundle.images,
+                bundle.masks,
+                replace(config, seed=config.seed + attempt),
+                environment=environment,
+                start=field.to_feature_field() if isinstance(field, GridField) else None,
+                progress=progress,
+                should_stop=should_stop,
+            )
+        except DivergenceError as error:
+            raise InputError(
+                f"the reconstruction diverged ({error}); check that the masks and camera poses match the images."
+            ) from None
+        if result.report.surface_coverage >= MIN_SURFACE_COVERAGE:
+            break
+    return result, attempt + 1
 
 
 def _select(bundle: Bundle, views: list[int]) -> Bundle:

@@ -141,6 +141,7 @@ class RefineReport:
     stages: dict[str, StageReport]
     training_psnr: float  # dB, linear RGB clipped at 1 vs image x mask, on `psnr_rays` foreground pixels
     sparse_voxels: int
+    surface_coverage: float  # share of those pixels whose ray meets the SDF's zero level set (the mesh)
     lighting: str  # "known" or "estimated"
     seconds: float
     skipped_steps: int = 0  # steps whose loss or gradients were not finite (their update was skipped)
@@ -150,6 +151,7 @@ class RefineReport:
             "stages": {name: vars(stage) for name, stage in self.stages.items()},
             "training_psnr": self.training_psnr,
             "sparse_voxels": self.sparse_voxels,
+            "surface_coverage": self.surface_coverage,
             "lighting": self.lighting,
             "seconds": self.seconds,
             "skipped_steps": self.skipped_steps,
@@ -485,9 +487,9 @@ def refine(
                 train("fine", config.fine_steps, config.coarse_steps)
 
         lighting = environment if estimated is None else Environment(estimated.log_image.detach().exp())
-        psnr = training_psnr(model, rays, lighting, options, config.psnr_rays)
+        psnr, coverage = training_fit(model, rays, lighting, options, config.psnr_rays)
     lighting_kind = "known" if estimated is None else "estimated"
-    report = RefineReport(stages, psnr, sparse_voxels, lighting_kind, 0.0, skipped_steps=int(skipped))
+    report = RefineReport(stages, psnr, sparse_voxels, coverage, lighting_kind, 0.0, skipped_steps=int(skipped))
     report.seconds = time.perf_counter() - begin
     return RefineResult(model, lighting, report)
 
@@ -530,10 +532,11 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 
 @torch.no_grad()
-def training_psnr(
+def training_fit(
     model: FeatureField, rays: _Rays, environment: Environment, options: RenderOptions, count: int
-) -> float:
-    """PSNR (dB) of the render against the training pixels inside the masks, on a seeded subset of `count`.
+) -> tuple[float, float]:
+    """PSNR (dB) of the render against the training pixels inside the masks, on a seeded subset of `count`,
+    and the share of those pixels whose ray meets the zero level set (what the mesh will cover).
 
     Foreground only: background pixels are matched trivially and would inflate the number.
     """
@@ -543,4 +546,5 @@ def training_psnr(
     options = RenderOptions(options.samples, options.importance_samples, options.chunk_rays, jitter=False)
     out = render_rays(model, rays.origins[batch], rays.directions[batch], environment, options)
     mse = float(((_clipped(out) - rays.colours[batch]) ** 2).mean())
-    return -10.0 * math.log10(max(mse, 1e-12))
+    coverage = float((out.min_sdf < 0.0).float().mean()) if len(batch) else 0.0
+    return -10.0 * math.log10(max(mse, 1e-12)), coverage

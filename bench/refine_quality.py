@@ -118,11 +118,14 @@ def probe(field: SurfaceField, result, cameras, images, masks, environment, name
         values = values[hit > 0]
         if not len(values):
             return []
-        return [round(float(q), 3) for q in torch.quantile(values, torch.tensor([0.25, 0.5, 0.75]))]
+        return [
+            round(float(q), 3)
+            for q in torch.quantile(values.float(), torch.tensor([0.25, 0.5, 0.75], device=values.device))
+        ]
 
     subset = torch.randperm(len(masks), generator=generator)[:SILHOUETTE_RAYS]  # seeded; all pixels take minutes
     inside = masks[subset] >= 0.5
-    covered = silhouette(field, origins[subset], directions[subset])
+    covered = silhouette(field, origins[subset], directions[subset]).to(inside.device)
     recall = float(covered[inside].float().mean())
     precision = float(inside[covered].float().mean()) if covered.any() else 0.0
     truth = truth_at(name, points[hit > 0], bundle)

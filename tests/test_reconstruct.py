@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from backend import presets
+from backend import reconstruct as reconstruct_module
 from backend.bundle import load_bundle
 from backend.cli import main
 from backend.data.synthetic import write_synthetic_bundle
+from backend.errors import InputError
 from backend.gltf import Z_UP_TO_Y_UP
 from backend.reconstruct import reconstruct
 from backend.refine import Cancelled
@@ -147,6 +150,38 @@ def test_cancel_before_export_writes_nothing(bundle, tmp_path, tiny_preset):
     with pytest.raises(Cancelled):
         reconstruct(bundle, out, preset="tiny", device="cpu", should_stop=lambda: True)
     assert not out.exists()
+
+
+def _collapsing(seeds_that_collapse: set[int], seen: list[int]):
+    """refine as it is, except that runs with these seeds end with the whole box outside the surface."""
+    original = reconstruct_module.refine
+
+    def run(cameras, images, masks, config, **kwargs):
+        seen.append(config.seed)
+        result = original(cameras, images, masks, config, **kwargs)
+        if config.seed in seeds_that_collapse:
+            with torch.no_grad():
+                result.field.decoder.geometry.bias[0] += 10.0  # SDF > 0 everywhere: no surface at all
+            result.report.surface_coverage = 0.0
+        return result
+
+    return run
+
+
+def test_a_collapsed_refinement_is_run_again_with_the_next_seed(bundle, tmp_path, tiny_preset, monkeypatch):
+    seen: list[int] = []
+    monkeypatch.setattr(reconstruct_module, "refine", _collapsing({0}, seen))
+    result = reconstruct(bundle, tmp_path / "a.glb", preset="tiny", device="cpu")
+    assert seen == [0, 1] and result.refine_report.surface_coverage >= reconstruct_module.MIN_SURFACE_COVERAGE
+    assert any("collapsed" in warning for warning in result.warnings) and (tmp_path / "a.glb").stat().st_size > 0
+
+
+def test_two_collapsed_refinements_are_an_error_and_write_nothing(bundle, tmp_path, tiny_preset, monkeypatch):
+    seen: list[int] = []
+    monkeypatch.setattr(reconstruct_module, "refine", _collapsing({0, 1}, seen))
+    with pytest.raises(InputError, match="covers only 0% of the masks"):
+        reconstruct(bundle, tmp_path / "a.glb", preset="tiny", device="cpu")
+    assert seen == [0, 1] and not (tmp_path / "a.glb").exists()
 
 
 def test_every_preset_states_its_budget():
