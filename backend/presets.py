@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
         target_faces=30_000,
         engine="feedforward",
         budget="without a checkpoint the shortest refinement: 150+300+200 steps of 2048 rays, grids 48^3 + "
-        "128^3 sparse, 1024 px textures, 30k faces; measured 15-26 s (mean 18 s) per object, 16 views of 512^2, "
+        "128^3 sparse, 1024 px textures, 30k faces; measured 17-25 s (mean 21 s) per object, 16 views of 512^2, "
         "on one H200 (bench/devset_reconstruct.py); target 15 s",
     ),
     "standard": Preset(
@@ -92,7 +92,7 @@ PRESETS: dict[str, Preset] = {
         texture_size=2048,
         target_faces=100_000,
         budget="refinement 150+800+800 steps of 4096 rays, grids 64^3 + 192^3 sparse, 2048 px textures, "
-        "100k faces; measured 53-71 s (mean 61 s) per object, 16 views of 512^2, on one H200 "
+        "100k faces; measured 57-66 s (mean 64 s) per object, 16 views of 512^2, on one H200 "
         "(bench/devset_reconstruct.py); target at most 60 s",
     ),
     "high": Preset(
@@ -117,7 +117,8 @@ PRESETS: dict[str, Preset] = {
         target_faces=250_000,
         # standard's samples per ray on twice the rays, 1.5x the steps, a finer sparse grid and twice the channels
         budget="refinement 300+1000+1700 steps of 8192 rays, grids 64^3 + 256^3 sparse, 4096 px textures, "
-        "250k faces; target about 4 minutes on one H200",
+        "250k faces; measured 132-149 s (mean 139 s) per object, 16 views of 512^2, on one H200 "
+        "(bench/devset_reconstruct.py); scores below standard on the dev set (docs/REFINEMENT.md)",
     ),
 }
 
