@@ -101,8 +101,8 @@ PRESETS: dict[str, Preset] = {
             weights=GPU_WEIGHTS,
             channels=32,
             geometry_channels=16,
-            dense_resolution=64,
-            sparse_resolution=256,
+            dense_resolution=48,
+            sparse_resolution=128,
             hull_resolution=96,
             prefit_steps=300,
             coarse_steps=1000,
@@ -115,10 +115,11 @@ PRESETS: dict[str, Preset] = {
         resolution=384,
         texture_size=4096,
         target_faces=250_000,
-        # standard's samples per ray on twice the rays, 1.5x the steps, a finer sparse grid and twice the channels
-        budget="refinement 300+1000+1700 steps of 8192 rays, grids 64^3 + 256^3 sparse, 4096 px textures, "
-        "250k faces; measured 132-149 s (mean 139 s) per object, 16 views of 512^2, on one H200 "
-        "(bench/devset_reconstruct.py); scores below standard on the dev set (docs/REFINEMENT.md)",
+        # standard's samples per ray on twice the rays, 1.5x the steps, twice the channels, on fast's grids: with a
+        # 256^3 sparse grid the mesh overgrew the masks threefold on the barrel (docs/REFINEMENT.md)
+        budget="refinement 300+1000+1700 steps of 8192 rays, grids 48^3 + 128^3 sparse, 4096 px textures, "
+        "250k faces; measured 141 s on the barrel, 16 views of 512^2, on one H200 (bench/refine_quality.py); "
+        "with 256^3 grids 132-149 s per object and below standard on the dev set (docs/REFINEMENT.md)",
     ),
 }
 
