@@ -125,11 +125,6 @@ def reconstruct(
         result, attempts = _refine_with_one_retry(
             cameras.to(device), bundle, chosen, environment, field, progress, should_stop
         )
-        if result.report.surface_coverage < MIN_SURFACE_COVERAGE:
-            raise InputError(
-                f"the reconstructed surface covers only {result.report.surface_coverage:.0%} of the masks, twice; "
-                "check that the masks and camera poses match the images, or try another preset."
-            )
         if attempts > 1:
             warnings.append("the first refinement collapsed (its surface missed the masks); a second seed was used.")
         timings.update({stage: report.seconds for stage, report in result.report.stages.items()})
@@ -176,8 +171,9 @@ def _refine_with_one_retry(
     should_stop: Callable[[], bool] | None,
 ) -> tuple[RefineResult, int]:
     """Engine B from the given start, and the attempts it took: once more with the next seed when the surface
-    misses the masks. GPU refinements are not bit-reproducible; one of 18 H200 dev-set runs collapsed to a
-    20-face surface, and the same asset and preset ran normally when repeated (docs/REFINEMENT.md)."""
+    misses the masks, and an InputError when that one misses them too. GPU refinements are not bit-reproducible;
+    one of 18 H200 dev-set runs collapsed to a 20-face surface, and the same asset and preset ran normally when
+    repeated (docs/REFINEMENT.md)."""
     config = chosen.refine
     for attempt in range(2):
         try:
@@ -196,8 +192,11 @@ def _refine_with_one_retry(
                 f"the reconstruction diverged ({error}); check that the masks and camera poses match the images."
             ) from None
         if result.report.surface_coverage >= MIN_SURFACE_COVERAGE:
-            break
-    return result, attempt + 1
+            return result, attempt + 1
+    raise InputError(
+        f"the reconstructed surface covers only {result.report.surface_coverage:.0%} of the masks, twice; "
+        "check that the masks and camera poses match the images, or try another preset."
+    )
 
 
 def _select(bundle: Bundle, views: list[int]) -> Bundle:
