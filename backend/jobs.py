@@ -17,6 +17,8 @@ fetchable until they expire. Results are removed a while after they are fetched,
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import json
 import logging
@@ -541,3 +543,16 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere: freed host memory goes back to the system after each job,
+    so a long-lived service's size reflects what it holds, not the high-water mark of its last job."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
