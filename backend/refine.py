@@ -20,6 +20,7 @@ the same inputs and config give the same field on the CPU.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ from .field import FeatureField, FieldConfig, grid_indices_and_weights
 from .progress import Progress, no_progress
 from .render import RenderOptions, RenderOutput, render_rays
 from .shading import Environment
+
+log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):  # noqa: N818 (the name the service and CLI catch; it is not an error)
@@ -124,6 +127,9 @@ class RefineConfig:
     # Robustness: a step whose loss or gradients are not finite is skipped (zero gradients); the host reads
     # the count and checks the parameters every `check_every` steps only (each read is a device sync).
     check_every: int = 50
+    # Record each image stage's step once as a CUDA graph and replay it (CUDA with known lighting only). Off until
+    # measured on a GPU: it was written on a machine without one (tests/test_refine.py has the check to run).
+    cuda_graphs: bool = False
     max_skipped_fraction: float = 0.1  # more skipped steps than this share of a stage is a divergence
     # Evaluation.
     psnr_rays: int = 8192  # fixed seeded subset of training pixels the report's PSNR is measured on
@@ -134,6 +140,7 @@ class StageReport:
     steps: int
     seconds: float
     losses: dict[str, float]  # each term's mean over the stage's last tenth of steps
+    graphed: bool = False  # whether its steps were replayed from a CUDA graph (RefineConfig.cuda_graphs)
 
 
 @dataclass
@@ -439,44 +446,58 @@ def refine(
 
         beta_bound = _beta_bound(config, model.config.beta_min)
 
+        # Only with known lighting: an estimated environment rebuilds its tables every step, with data-dependent
+        # shapes that a graph cannot hold.
+        graphed = config.cuda_graphs and device.type == "cuda" and estimated is None
+        bound = torch.zeros((), device=device)  # this step's bound on log_beta, written before each step
+
         def train(stage: str, steps: int, first_step: int) -> None:
             clock = time.perf_counter()
-            groups = [
-                {"params": [model.dense], "lr": config.grid_learning_rate},
-                {"params": [model.sparse_features], "lr": config.sparse_learning_rate},
-                {"params": [*model.decoder.parameters(), model.log_beta], "lr": config.network_learning_rate},
-            ]
+            rates = [config.grid_learning_rate, config.sparse_learning_rate, config.network_learning_rate]
+            groups = [{"params": [model.dense]}, {"params": [model.sparse_features]}]
+            groups.append({"params": [*model.decoder.parameters(), model.log_beta]})
             if estimated is not None:
-                groups.append({"params": list(estimated.parameters()), "lr": config.environment_learning_rate})
+                groups.append({"params": list(estimated.parameters())})
+                rates.append(config.environment_learning_rate)
+            for group, rate in zip(groups, rates, strict=True):
+                # A replayed graph reads the learning rate from the device, so there it is a tensor updated in place.
+                group["lr"] = torch.tensor(rate, device=device) if graphed else rate
             parameters = [p for group in groups for p in group["params"]]
             # Fused Adam is one kernel for all parameters on CUDA; elsewhere the default (foreach) path.
-            optimiser = torch.optim.Adam(groups, fused=device.type == "cuda" or None)
+            optimiser = torch.optim.Adam(groups, fused=device.type == "cuda" or None, capturable=graphed)
             decay = config.final_learning_rate_fraction ** (1.0 / max(steps, 1))
-            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, decay)
+
+            def step() -> dict[str, torch.Tensor]:
+                lighting = environment if estimated is None else estimated.environment()
+                batch = rays.sample(config.rays_per_batch, config.foreground_fraction)
+                terms = _losses(model, rays, batch, lighting, config, options)
+                loss = _weighted(terms, config.weights)
+                loss.backward()
+                skipped.add_(~_finite_gradients(parameters, loss))
+                optimiser.step()
+                if beta_bound is not None:
+                    with torch.no_grad():
+                        model.log_beta.clamp_(max=bound)
+                return terms
+
+            run = _GraphedStep(step, optimiser) if graphed else _EagerStep(step, optimiser)
             tail = max(1, steps // 10)
             sums: dict[str, torch.Tensor] = {}
             skipped_before = int(skipped)
             for index in range(steps):
                 checkpoint(stage, index, steps)
-                lighting = environment if estimated is None else estimated.environment()
-                batch = rays.sample(config.rays_per_batch, config.foreground_fraction)
-                terms = _losses(model, rays, batch, lighting, config, options)
-                loss = _weighted(terms, config.weights)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                skipped.add_(~_finite_gradients(parameters, loss))
-                optimiser.step()
-                scheduler.step()
+                for group, rate in zip(optimiser.param_groups, rates, strict=True):
+                    _set_value(group, "lr", rate * decay**index)  # exponential decay to the final fraction
                 if beta_bound is not None:
-                    with torch.no_grad():
-                        model.log_beta.clamp_(max=beta_bound[first_step + index])
+                    bound.fill_(beta_bound[first_step + index])
+                terms = run()
                 if index >= steps - tail:
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.detach()
                 if (index + 1) % config.check_every == 0 or index == steps - 1:
                     _check_divergence(model, stage, index + 1, int(skipped) - skipped_before, config)
             losses = {name: float(value) / tail for name, value in sums.items()}
-            stages[stage] = StageReport(steps, time.perf_counter() - clock, losses)
+            stages[stage] = StageReport(steps, time.perf_counter() - clock, losses, graphed=run.graphed)
             progress(stage, 1.0)
 
         train("coarse", config.coarse_steps, 0)
@@ -492,6 +513,76 @@ def refine(
     report = RefineReport(stages, psnr, sparse_voxels, coverage, lighting_kind, 0.0, skipped_steps=int(skipped))
     report.seconds = time.perf_counter() - begin
     return RefineResult(model, lighting, report)
+
+
+def _set_value(group: dict[str, Any], key: str, value: float) -> None:
+    """Set an optimiser group's hyperparameter, in place when it is a tensor (a captured graph holds that tensor)."""
+    if isinstance(group[key], torch.Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value
+
+
+class _EagerStep:
+    """One optimisation step per call, run op by op."""
+
+    graphed = False
+
+    def __init__(self, step: Callable[[], dict[str, torch.Tensor]], optimiser: torch.optim.Optimizer) -> None:
+        self.step, self.optimiser = step, optimiser
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        self.optimiser.zero_grad(set_to_none=True)
+        return self.step()
+
+
+class _GraphedStep(_EagerStep):
+    """The step recorded once as a CUDA graph and replayed: a refinement step is launch-bound (about 2,100 small
+    kernels; 40 ms a step on an H200 for about 15 ms of GPU work), and a replay launches them all at once.
+
+    Capture needs a few eager calls first, on a side stream (lazy initialisation, autograd's buffers); those are
+    real steps. Everything a step reads changes in place: the batch and jitter come from the device's random
+    generator, the learning rates and beta's bound from tensors the caller fills before each call. If capture
+    fails, the stage goes on eagerly and the log says why.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable[[], dict[str, torch.Tensor]], optimiser: torch.optim.Optimizer) -> None:
+        super().__init__(step, optimiser)
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+        self.terms: dict[str, torch.Tensor] = {}
+
+    @property
+    def graphed(self) -> bool:  # type: ignore[override]
+        return self.graph is not None
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        if self.failed:
+            return super().__call__()
+        if self.calls < self.WARMUP:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                terms = super().__call__()
+            torch.cuda.current_stream().wait_stream(side)
+            return terms
+        if self.graph is None:
+            self.optimiser.zero_grad(set_to_none=True)  # backward inside the graph writes fresh gradient buffers
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the service has other threads
+                    self.terms = self.step()
+            except RuntimeError as error:
+                log.warning("refinement runs without a CUDA graph: capturing its step failed (%s)", error)
+                self.failed = True
+                return super().__call__()
+            self.graph = graph
+        self.graph.replay()
+        return self.terms
 
 
 def _beta_bound(config: RefineConfig, beta_min: float) -> list[float] | None:

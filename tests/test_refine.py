@@ -215,3 +215,23 @@ def test_refinement_fits_its_views_and_improves_on_the_visual_hull(views):
     start = _chamfer(extract_surface(hull.field, 64).vertices, truth)
     refined = _chamfer(extract_surface(result.field, 64).vertices, truth)
     assert refined < CHAMFER_SHRINK * start, (start, refined)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_steps_fit_like_eager_steps(views):
+    """RefineConfig.cuda_graphs: both image stages are captured and replayed, beta's bound and the learning rates
+    still move (they are tensors filled before each replay), and the fit matches eager steps' (the random
+    batches differ once a graph draws them, so not bit for bit)."""
+    _, cameras, images, masks, environment = views
+    cameras, environment = cameras.to("cuda"), environment.to("cuda")
+    config = dataclasses.replace(get_preset("cpu").refine, psnr_rays=TINY.psnr_rays)
+    eager = refine(cameras, images, masks, config, environment=environment)
+    graphed = refine(cameras, images, masks, dataclasses.replace(config, cuda_graphs=True), environment=environment)
+    assert [graphed.report.stages[s].graphed for s in ("coarse", "fine")] == [True, True]
+    assert not any(stage.graphed for stage in eager.report.stages.values())
+    assert float(graphed.field.beta) <= config.final_beta + 1e-6
+    assert graphed.report.skipped_steps == 0
+    assert abs(graphed.report.training_psnr - eager.report.training_psnr) < 1.0, (
+        graphed.report.training_psnr,
+        eager.report.training_psnr,
+    )
