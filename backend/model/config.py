@@ -129,9 +129,8 @@ CONFIGS: dict[str, ModelConfig] = {
         unproject=True,
         colour_skip=True,
     ),
-    "small": ModelConfig(
-        unproject=True, colour_skip=True
-    ),  # about 45 MB of bf16 weights (tests/test_model.py checks the 48 MB limit)
+    # about 45 MB of bf16 weights (tests/test_model.py checks the 48 MB limit)
+    "small": ModelConfig(unproject=True, colour_skip=True),
     "paper": ModelConfig(
         hidden=1024,
         blocks=24,
