@@ -3,12 +3,12 @@
     python bench/colour_toy.py [--model tiny] [--variants old skip] [--report 0 100 300 600] [--size 32]
                                [--seed 0] [--loss surface|full] [--threads 1] [--out bench/results/colour_toy.json]
 
-ONE fixed procedural shape (seed 3, 16 views under `studio`) whose albedo is one uniform colour per
-sample, drawn like a procedural paint colour. Its views are exact and cheap: a dielectric's shading is
-linear in its albedo, so each sample's images are black + c * (white - black) from two renders made once.
-A fresh model of --model (stage 1 only) trains for --steps on batches of 2 samples with 6-8 input views,
-AdamW 1e-3, gradient clip 1, with the loss --loss: `surface` is the albedo read at points of the true
-surface (sRGB MSE) alone; `full` is training's view loss (rendered colour, mask, eikonal, depth, sdf and
+ONE fixed procedural shape (seed 3, 16 views under `studio`) whose albedo is one uniform colour per sample,
+drawn like a procedural paint colour (`random_colour`). Its views are exact and cheap: a dielectric's shading
+is linear in its albedo, so each sample's images are black + c * (white - black) from two renders made once.
+A fresh model of --model (stage 1 only) trains up to the last --report step on batches of 2 samples with 6-8
+input views, AdamW 1e-3, gradient clip 1, with the loss --loss: `surface` is the albedo read at points of the
+true surface (sRGB MSE) alone; `full` is training's view loss (rendered colour, mask, eikonal, depth, sdf and
 surface materials, `TrainConfig`'s weights) through 4 target views. At each --report step it scores 8
 held-out colours seen by 8 fixed views with bench/colour_response.py's measures: the predicted mean albedo
 against the truth (PSNR, sRGB), and correlation / slope for colour and for hue alone. A colour-blind model
@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from backend.colour import linear_to_srgb  # noqa: E402
+from backend.data.materials import random_colour  # noqa: E402
 from backend.data.synthetic import sample_scene  # noqa: E402
 from backend.data.views import Batch, EnvironmentBank, ViewSet, render_viewset, sample_batch  # noqa: E402
 from backend.field import FieldSample, SurfaceField  # noqa: E402
@@ -103,11 +104,6 @@ class ToyTask:
         return ViewSet(black.cameras, images, black.masks, black.environment, buffers, Painted(self.shape, colour))
 
 
-def paint_colour(rng: np.random.Generator) -> torch.Tensor:
-    """A linear paint colour, drawn as procedural materials draw theirs (anything from dark to light)."""
-    return torch.tensor((0.05 + 0.9 * rng.random(3)) ** 2.2 * rng.uniform(0.4, 1.0), dtype=torch.float32)
-
-
 def albedo_loss(
     model: LSRM, task: ToyTask, colours: torch.Tensor, batch: Batch, loss: str, generator: torch.Generator
 ) -> torch.Tensor:
@@ -142,7 +138,7 @@ def train(task: ToyTask, config: ModelConfig, seed: int, report: list[int], loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    held_out = [paint_colour(np.random.default_rng([seed, 99, k])) for k in range(HELD_OUT)]
+    held_out = [random_colour(np.random.default_rng([seed, 99, k]), metal=False) for k in range(HELD_OUT)]
     rows, started = [], time.perf_counter()
 
     def scored(step: int, value: float) -> None:
@@ -152,7 +148,7 @@ def train(task: ToyTask, config: ModelConfig, seed: int, report: list[int], loss
     if 0 in report:
         scored(0, float("nan"))
     for step in range(1, max(report) + 1):
-        colours = torch.stack([paint_colour(rng) for _ in range(2)])
+        colours = torch.stack([random_colour(rng, metal=False) for _ in range(2)])
         inputs = int(rng.integers(6, 9))
         targets = 4 if loss == "full" else 0
         batch = sample_batch([task.viewset(c) for c in colours], inputs, targets, config.background, generator)
