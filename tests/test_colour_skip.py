@@ -11,7 +11,7 @@ import torch
 
 from backend.colour import linear_to_srgb
 from backend.data.synthetic import sample_scene
-from backend.field import FeatureField, FieldConfig
+from backend.field import FeatureField, FieldConfig, GridField
 from backend.model.config import CONFIGS, ModelConfig
 from backend.model.lsrm import LSRM, Views
 from bench.colour_toy import ToyTask, train
@@ -28,13 +28,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def mean_albedo(model: LSRM, colour: tuple[float, float, float]) -> torch.Tensor:
-    """The sRGB mean albedo a model predicts near the origin from 4 views that see one uniform colour."""
+POINTS = (torch.rand(256, 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.4  # near the origin
+
+
+def predicted_field(model: LSRM, colour: tuple[float, float, float]) -> GridField:
+    """The stage-1 field a model predicts from 4 views that see one uniform colour everywhere."""
     cameras = sample_scene(3, 4, 64).canonical_cameras
     views = Views(torch.tensor(colour).expand(1, 4, 64, 64, 3).clone(), torch.ones(1, 4, 64, 64), [cameras])
-    points = (torch.rand(256, 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.4
     with torch.no_grad():
-        return linear_to_srgb(model(views, stages=1).dense_fields[0](points).albedo).mean(0)
+        return model(views, stages=1).dense_fields[0]
+
+
+def mean_albedo(model: LSRM, colour: tuple[float, float, float]) -> torch.Tensor:
+    """The sRGB mean albedo a model predicts near the origin from views of one uniform colour."""
+    field = predicted_field(model, colour)
+    with torch.no_grad():
+        return linear_to_srgb(field(POINTS).albedo).mean(0)
 
 
 def test_a_fresh_model_with_the_skip_sees_hue_and_one_without_does_not() -> None:
@@ -63,6 +72,16 @@ def test_old_configs_and_refinement_fields_have_no_skip() -> None:
     # Refinement builds its fields from FieldConfig, whose default keeps the decoder as it was.
     assert FeatureField(FieldConfig(dense_resolution=8, sparse_resolution=16)).decoder.colour is None
     assert all(CONFIGS[name].colour_skip for name in ("tiny", "small", "paper"))
+
+
+def test_a_refinement_started_from_the_model_keeps_the_skip() -> None:
+    # `--engine both`: Engine B continues Engine A's field, decoder included, so it starts from the same colours.
+    torch.manual_seed(0)
+    predicted = predicted_field(LSRM(CONFIGS["tiny"]), RED).detached()
+    refinable = predicted.to_feature_field()
+    assert refinable.decoder.colour is not None
+    with torch.no_grad():
+        assert torch.allclose(refinable(POINTS).albedo, predicted(POINTS).albedo, atol=1e-6)
 
 
 def test_the_skip_keeps_the_other_weights_of_a_seed() -> None:
