@@ -104,18 +104,21 @@ class ToyTask:
         return ViewSet(black.cameras, images, black.masks, black.environment, buffers, Painted(self.shape, colour))
 
 
-def albedo_loss(
+def loss_terms(
     model: LSRM, task: ToyTask, colours: torch.Tensor, batch: Batch, loss: str, generator: torch.Generator
-) -> torch.Tensor:
+) -> dict[str, torch.Tensor]:
+    """The loss of one batch ("total") and its terms, each a mean over the batch's objects."""
     prediction = model(batch.views, stages=1)
-    total = 0.0
+    terms: dict[str, torch.Tensor] = {}
     for b, field in enumerate(prediction.dense_fields):
         if loss == "surface":
             predicted = linear_to_srgb(field(task.points).albedo)
-            total = total + F.mse_loss(predicted, linear_to_srgb(colours[b]).expand_as(predicted))
+            mine = {"total": F.mse_loss(predicted, linear_to_srgb(colours[b]).expand_as(predicted))}
         else:
-            total = total + target_loss(field, batch.targets[b], FULL_LOSS, generator)["total"]
-    return total / len(colours)
+            mine = target_loss(field, batch.targets[b], FULL_LOSS, generator)
+        for name, value in mine.items():
+            terms[name] = terms.get(name, 0.0) + value / len(colours)
+    return terms
 
 
 @torch.no_grad()
@@ -139,26 +142,32 @@ def train(task: ToyTask, config: ModelConfig, seed: int, report: list[int], loss
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     held_out = [random_colour(np.random.default_rng([seed, 99, k]), metal=False) for k in range(HELD_OUT)]
-    rows, started = [], time.perf_counter()
+    rows, started, sums, since = [], time.perf_counter(), {}, 0
 
-    def scored(step: int, value: float) -> None:
-        rows.append({"step": step, "loss": value, "seconds": time.perf_counter() - started})
-        rows[-1].update(score(model, task, held_out))
+    def scored(step: int) -> None:
+        """Scores now, and the mean of each loss term over the steps since the previous report."""
+        means = {name: total / max(since, 1) for name, total in sums.items()}
+        rows.append({"step": step, "loss": means.get("total", float("nan")), "terms": means})
+        rows[-1].update(seconds=time.perf_counter() - started, **score(model, task, held_out))
 
     if 0 in report:
-        scored(0, float("nan"))
+        scored(0)
     for step in range(1, max(report) + 1):
         colours = torch.stack([random_colour(rng, metal=False) for _ in range(2)])
         inputs = int(rng.integers(6, 9))
         targets = 4 if loss == "full" else 0
         batch = sample_batch([task.viewset(c) for c in colours], inputs, targets, config.background, generator)
-        value = albedo_loss(model, task, colours, batch, loss, generator)
+        terms = loss_terms(model, task, colours, batch, loss, generator)
         optimizer.zero_grad()
-        value.backward()
+        terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        since += 1
         if step in report:
-            scored(step, float(value.detach()))
+            scored(step)
+            sums, since = {}, 0
     return rows
 
 
@@ -188,7 +197,7 @@ def main() -> None:
     print(
         f"colour toy: {args.model}, {args.size} px views, loss {args.loss}, seed {args.seed}, {args.threads} thread(s)"
     )
-    print("model   step seconds     loss     PSNR    corr   slope   hue r   hue k  (r: correlation, k: slope)")
+    print("model   step seconds     loss     PSNR    corr   slope   hue r   hue k")
     record = {"model": args.model, "size": args.size, "loss": args.loss, "seed": args.seed, "variants": {}}
     for variant in args.variants:
         config = dataclasses.replace(CONFIGS[args.model], image_size=args.size, **VARIANTS[variant])
@@ -197,7 +206,8 @@ def main() -> None:
             print(_line(variant, row))
         record["variants"][variant] = rows
     print(
-        f"PSNR: of the predicted mean colours (sRGB); a constant guess scores {rows[0]['constant_guess_psnr']:.2f} dB"
+        "loss: mean since the previous report; PSNR: of the predicted mean colours (sRGB), where a constant guess "
+        f"scores {rows[0]['constant_guess_psnr']:.2f} dB; r: correlation, k: slope (colour, and hue alone)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
