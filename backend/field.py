@@ -71,6 +71,16 @@ class FieldConfig:
     # channels through their own trunk and the materials the rest, so fitting colour detail cannot bend the
     # surface (refinement's bumps came from texture explained as geometry).
     geometry_channels: int = 0
+    # True: the albedo's logits also add a linear map of the last COLOUR_CHANNELS feature channels, which start as
+    # "albedo = the sRGB colour held there" (the model writes the colour its views see into them). The MLP passes
+    # ~1/250 of a feature change at init and learns only brightness for ~1000 steps; this path passes hue at full
+    # gain from the first step (docs/TRAINING.md, "Why colour did not learn, part 3"). False in old checkpoints.
+    colour_skip: bool = False
+
+
+COLOUR_CHANNELS = 3  # the last feature channels, read by the colour skip
+# sigmoid(gain * s + offset) is within 0.03 of sRGB value s, in sRGB, for s in [0, 1] (a least-squares fit).
+COLOUR_SKIP_GAIN, COLOUR_SKIP_OFFSET = 6.7, -4.75
 
 
 def grid_indices_and_weights(points: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +187,13 @@ class FieldDecoder(nn.Module):
         self.geometry = nn.Linear(geometry_width, 2)  # sdf, effective offset
         self.material = nn.Linear(width, 5)  # albedo (3), roughness, metallic
         self.radiance = nn.Linear(width, 3) if config.radiance else None
+        self.colour = None
+        if config.colour_skip:
+            with torch.random.fork_rng(devices=[]):  # set below, so the other weights of a seed stay the same
+                self.colour = nn.Linear(COLOUR_CHANNELS, 3)
+            with torch.no_grad():
+                self.colour.weight.copy_(torch.eye(COLOUR_CHANNELS) * COLOUR_SKIP_GAIN)
+                self.colour.bias.fill_(COLOUR_SKIP_OFFSET)
         self.max_offset = config.max_offset
         # The offset starts at exactly zero, so a fresh field renders its own SDF.
         nn.init.zeros_(self.geometry.weight[1])
@@ -197,7 +214,10 @@ class FieldDecoder(nn.Module):
         else:
             hidden = self.trunk(features[:, self.split :])
             geometry = self._geometry(features)
-        material = torch.sigmoid(self.material(hidden))
+        material = self.material(hidden)
+        if self.colour is not None:
+            material = material + F.pad(self.colour(features[:, -COLOUR_CHANNELS:]), (0, 2))  # albedo logits only
+        material = torch.sigmoid(material)
         # The effective offset (after LIRM) shifts the SDF seen by the volume renderer but not the zero
         # level set that becomes the mesh: opacity the grid cannot explain with a clean surface (thin
         # parts below a voxel, soft silhouettes, a beta that is still too wide) goes into the offset

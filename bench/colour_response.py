@@ -75,12 +75,19 @@ def measure(model: LSRM, objects: int, inputs: int, stages: int, device: torch.d
         )
     true = np.array([r["true_mean"] for r in rows])
     predicted = np.array([r["predicted_mean"] for r in rows])
-    constant = psnr(float(((true - true.mean(0)) ** 2).mean()))
     return {
         "objects": rows,
         "mean_albedo_psnr": float(np.mean([r["albedo_psnr"] for r in rows])),
+        **colour_scores(true, predicted),
+    }
+
+
+def colour_scores(true: np.ndarray, predicted: np.ndarray) -> dict:
+    """Predicted against true mean colours [K, 3] (sRGB): PSNR, a constant guess's PSNR, and the fits of the
+    colour and of its hue alone (each colour minus its own grey)."""
+    return {
         "mean_colour_psnr": psnr(float(((predicted - true) ** 2).mean())),
-        "constant_guess_psnr": constant,
+        "constant_guess_psnr": psnr(float(((true - true.mean(0)) ** 2).mean())),
         "colour": fit(predicted, true),
         "hue": fit(predicted - predicted.mean(1, keepdims=True), true - true.mean(1, keepdims=True)),
     }

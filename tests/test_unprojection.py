@@ -59,7 +59,7 @@ def test_the_input_colour_reaches_the_dense_volume_of_a_fresh_model() -> None:
 
     change = {}
     for flag in (False, True):
-        config = dataclasses.replace(CONFIGS["tiny"], unproject=flag)
+        config = dataclasses.replace(CONFIGS["tiny"], unproject=flag, colour_skip=False)  # the unprojection alone
         red, blue = dense(config, (0.6, 0.05, 0.05)), dense(config, (0.05, 0.05, 0.6))
         change[flag] = float((red - blue).norm() / red.norm())
     assert change[True] > 2 * change[False], change  # measured: 0.40 against 0.15
@@ -68,7 +68,7 @@ def test_the_input_colour_reaches_the_dense_volume_of_a_fresh_model() -> None:
 def test_old_configs_keep_loading_without_the_unprojection() -> None:
     # A checkpoint's config JSON from before the flag has no "unproject" key: it must mean the old model.
     values = dataclasses.asdict(CONFIGS["tiny"])
-    del values["unproject"]
+    del values["unproject"], values["colour_skip"]  # the colour skip came later still
     old = ModelConfig(**values)
     assert not old.unproject
     model = LSRM(old)

@@ -138,7 +138,7 @@ class PartMaterial:
         return albedo, roughness, metallic.clamp(0.0, 1.0)
 
 
-def _random_colour(rng: np.random.Generator, metal: bool) -> Tensor:
+def random_colour(rng: np.random.Generator, metal: bool) -> Tensor:
     """A linear colour: bright and mildly tinted for metals, anything from dark to light for paint."""
     hue = rng.random(3)
     if metal:
@@ -159,7 +159,7 @@ def random_material(rng: np.random.Generator, extent: Tensor) -> PartMaterial:
     """A seeded random material for a part of half extents `extent` [3] (local units)."""
     pattern = str(rng.choice(PATTERNS, p=[0.1, 0.15, 0.2, 0.15, 0.15, 0.25]))
     metal = rng.random() < 0.3
-    base, accent = _random_colour(rng, metal), _random_colour(rng, rng.random() < 0.3)
+    base, accent = random_colour(rng, metal), random_colour(rng, rng.random() < 0.3)
     # Metals get an unmistakably different accent (paint or print on metal), paint a contrasting one.
     if not metal and float((base - accent).abs().max()) < 0.2:
         accent = 1.0 - base

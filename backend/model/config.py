@@ -43,6 +43,11 @@ class ModelConfig:
     # projection in every view (mean over the views that see it), so colour reaches the volume before attention
     # has learned where to look (docs/TRAINING.md, "Why colour did not learn, part 2"). False in old checkpoints.
     unproject: bool = False
+    # Our addition too: the unprojected colours land in the volume's last channels, which the decoder's albedo reads
+    # through a linear skip that starts as "albedo = the colour seen" (FieldConfig.colour_skip; docs/TRAINING.md,
+    # part 3: without it the model stays colour-blind, greys of the right lightness). Needs unproject. False in old
+    # checkpoints.
+    colour_skip: bool = False
 
     # Stage 2: sparse tokens near the surface.
     sparse_image_size: int = 512  # views are resized to this for stage-2 image tokens
@@ -67,6 +72,8 @@ class ModelConfig:
             problems.append("image sizes must be multiples of patch_size")
         if self.sparse_volume_tokens % self.volume_tokens:
             problems.append("sparse_volume_tokens must be a multiple of volume_tokens")
+        if self.colour_skip and not self.unproject:
+            problems.append("colour_skip reads the unprojected colours: it needs unproject")
         if self.routing not in ROUTINGS:
             problems.append(f"routing must be one of {ROUTINGS}")
         if problems:
@@ -82,6 +89,7 @@ class ModelConfig:
             hidden=self.decoder_hidden,
             hidden_layers=self.decoder_layers,
             radiance=self.radiance,
+            colour_skip=self.colour_skip,
         )
 
     def to_json(self) -> str:
@@ -119,8 +127,10 @@ CONFIGS: dict[str, ModelConfig] = {
         selected_volume_blocks=3,
         image_candidates_per_view=3,
         unproject=True,
+        colour_skip=True,
     ),
-    "small": ModelConfig(unproject=True),  # about 45 MB of bf16 weights (tests/test_model.py checks the 48 MB limit)
+    # about 45 MB of bf16 weights (tests/test_model.py checks the 48 MB limit)
+    "small": ModelConfig(unproject=True, colour_skip=True),
     "paper": ModelConfig(
         hidden=1024,
         blocks=24,
@@ -141,5 +151,6 @@ CONFIGS: dict[str, ModelConfig] = {
         selected_volume_blocks=16,
         image_candidates_per_view=4,
         unproject=True,
+        colour_skip=True,
     ),
 }

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..cameras import Cameras, image_rays, plucker, project
 from ..colour import linear_to_srgb
-from ..field import FieldDecoder, GridField, SurfaceField, read_dense, voxel_centres
+from ..field import COLOUR_CHANNELS, FieldDecoder, GridField, SurfaceField, read_dense, voxel_centres
 from ..progress import Progress, no_progress
 from .attention import DenseBlock
 from .config import ModelConfig
@@ -142,6 +142,8 @@ class LSRM(nn.Module):
         field = config.field
         self.log_beta = nn.Parameter(torch.tensor(math.log(field.beta_init - field.beta_min)))
         self.dense.apply(_init_weights)
+        if config.colour_skip:
+            self._start_colour_channels()
         self.start_sparse_from_dense()
         self.gradient_checkpointing = False  # training: recompute each block's activations in the backward pass
 
@@ -150,6 +152,18 @@ class LSRM(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *inputs, use_reentrant=False)
         return block(*inputs)
+
+    @torch.no_grad()
+    def _start_colour_channels(self) -> None:
+        """The dense volume's colour channels (FieldConfig.colour_skip) start as exactly the sRGB colour its views see
+        there: the unprojection copies it in, and the transformer adds nothing until it learns to."""
+        channels = self.config.channels
+        colour = slice(channels - COLOUR_CHANNELS, channels)
+        self.dense.unproject_colour.weight[colour] = torch.eye(COLOUR_CHANNELS)
+        self.dense.unproject_colour.bias[colour] = 0.0
+        rows = self.dense.unpatchify.weight.view(-1, channels, self.config.hidden)  # [u^3, C, hidden]
+        rows[:, colour] = 0.0
+        self.dense.unpatchify.bias.view(-1, channels)[:, colour] = 0.0
 
     @torch.no_grad()
     def start_sparse_from_dense(self) -> None:
