@@ -8,7 +8,8 @@ are targets until `bench/` measures them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 
 from .errors import InputError
 from .refine import LossWeights, RefineConfig
@@ -129,3 +130,41 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise InputError(f"unknown preset '{name}'; use one of {', '.join(PRESETS)}.")
     return PRESETS[name]
+
+
+def variant(name: str, settings: Sequence[str]) -> Preset:
+    """The preset `name` with RefineConfig fields set from KEY=VALUE strings (`weights.NAME` for a loss weight;
+    each value parsed as its field's type, `None` for none): the benchmarks' `--set`. It is registered as
+    `name+`, so that `reconstruct` runs, and its records name, exactly these settings. No settings: the preset."""
+    preset = get_preset(name)
+    if not settings:
+        return preset
+    config, weights = preset.refine, {}
+    changes: dict[str, object] = {}
+    known = {f.name for f in fields(config)} - {"weights"}
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        field_name = key.removeprefix("weights.")
+        if key.startswith("weights.") and field_name in {f.name for f in fields(config.weights)}:
+            weights[field_name] = _parsed(setting, text, getattr(config.weights, field_name))
+        elif key in known:
+            changes[key] = _parsed(setting, text, getattr(config, key))
+        else:
+            raise InputError(f"'{setting}' sets nothing: RefineConfig has no field '{key}'")
+    if weights:
+        changes["weights"] = replace(config.weights, **weights)
+    changed = replace(preset, name=f"{name}+", refine=replace(config, **changes))
+    PRESETS[changed.name] = changed
+    return changed
+
+
+def _parsed(setting: str, text: str, like: object) -> object:
+    """text as a value of like's type (a float where the default is None)."""
+    if text == "None":
+        return None
+    try:
+        if isinstance(like, bool):
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        return float(text) if like is None or isinstance(like, float) else type(like)(text)
+    except (KeyError, ValueError):
+        raise InputError(f"'{setting}': '{text}' is not a {type(like).__name__}") from None

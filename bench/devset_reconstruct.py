@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from backend.atomic import atomic_file  # noqa: E402
 from backend.device import device_report, pick_device  # noqa: E402
 from backend.evaluate import INPUTS_INDEX, EvaluateConfig, load_reconstructions, reconstruct_prepared  # noqa: E402
-from backend.presets import PRESETS  # noqa: E402
+from backend.presets import PRESETS, variant  # noqa: E402
 from backend.reconstruct import ENGINES  # noqa: E402
 
 
@@ -64,7 +64,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="LSRM weights for the feed-forward engine")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no run after this many seconds")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="RefineConfig overrides: runs PRESET+"
+    )
     args = parser.parse_args()
+    args.presets = [variant(preset, args.set).name for preset in args.presets]
     index = json.loads((args.prepared / INPUTS_INDEX).read_text(encoding="utf-8"))
     names = args.assets or index["assets"]
     unknown = sorted(set(names) - set(index["assets"]))

@@ -32,7 +32,7 @@ from backend.data.synthetic import environment_rotation, sample_cameras, sample_
 from backend.device import device_report, pick_device
 from backend.mesh import extract_surface, sample_points
 from backend.metrics import geometry_metrics, image_metrics
-from backend.presets import get_preset
+from backend.presets import variant
 from backend.refine import RefineConfig, refine
 from backend.render import RenderOptions, render_views
 from backend.shading import Environment, builtin_environment
@@ -43,25 +43,6 @@ TEST_CAMERA_SEED_OFFSET = 1000  # as bench/presets.py: another seed's camera rin
 SURFACE_SAMPLES = 8192
 # Runtime-API calls that wait for the GPU or copy through the host; each one stalls the launch queue.
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaEventSynchronize")
-
-
-def overridden(config: RefineConfig, settings: list[str]) -> RefineConfig:
-    """config with KEY=VALUE overrides (weights.NAME for loss weights), each parsed as its field's type."""
-    weights: dict[str, float] = {}
-    changes: dict[str, object] = {}
-    types = {f.name: type(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        if key.startswith("weights."):
-            weights[key.removeprefix("weights.")] = float(value)
-        elif key in types:
-            kind = types[key]
-            changes[key] = None if value == "None" else (value.lower() == "true" if kind is bool else kind(value))
-        else:
-            raise SystemExit(f"unknown RefineConfig field '{key}'")
-    if weights:
-        changes["weights"] = dataclasses.replace(config.weights, **weights)
-    return dataclasses.replace(config, **changes)
 
 
 def training_views(seed: int, views: int, resolution: int, device: torch.device):
@@ -156,7 +137,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench/profile"))
     args = parser.parse_args()
     device = pick_device(args.device)
-    config = overridden(get_preset(args.preset).refine, args.set)
+    config = variant(args.preset, args.set).refine
     args.out.mkdir(parents=True, exist_ok=True)
 
     clock = time.perf_counter()

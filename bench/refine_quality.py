@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,35 +38,11 @@ from backend.data.synthetic import random_object, world_normalisation  # noqa: E
 from backend.device import pick_device  # noqa: E402
 from backend.evaluate import INPUTS_INDEX, EvaluateConfig, reconstruct_prepared  # noqa: E402
 from backend.field import SurfaceField  # noqa: E402
-from backend.refine import RefineConfig  # noqa: E402
 from backend.render import RenderOptions, ray_box_intersection, render_rays  # noqa: E402
 
 PROBE_RAYS = 4096  # seeded training pixels for the surface probes
 SILHOUETTE_STEPS = 256  # SDF samples per ray for the zero-level-set silhouette
 SILHOUETTE_RAYS = 32768  # seeded pixels (of every view) it is measured on
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> RefineConfig field values, typed like the field's default."""
-    types = {f.name: type(getattr(RefineConfig(), f.name)) for f in fields(RefineConfig)}
-    overrides, weights = {}, {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key.startswith("weights."):
-            weights[key.removeprefix("weights.")] = float(value)
-            continue
-        if key not in types:
-            raise SystemExit(f"--set {key}: RefineConfig has no such field")
-        kind = types[key]
-        if value == "None":
-            overrides[key] = None
-        elif kind is bool:
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        else:
-            overrides[key] = (float if kind is type(None) else kind)(value)
-    if weights:
-        overrides["weights"] = replace(RefineConfig().weights, **weights)
-    return overrides
 
 
 @torch.no_grad()
@@ -182,11 +157,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    overrides = parse_overrides(args.overrides)
-    base = presets.PRESETS[args.preset]
-    # A named variant of the preset, so reconstruct (and the record) run exactly these settings.
-    variant = replace(base, name=f"{base.name}+", refine=replace(base.refine, **overrides))
-    presets.PRESETS[variant.name] = variant
+    variant = presets.variant(args.preset, args.overrides)
     index = json.loads((args.prepared / INPUTS_INDEX).read_text(encoding="utf-8"))
     device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)

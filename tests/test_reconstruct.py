@@ -203,3 +203,16 @@ def test_cpu_preset_end_to_end_as_a_process(bundle, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == str(out)
     _check_world_placement(out, bundle)
+
+
+def test_a_preset_variant_sets_typed_fields_and_names_itself(monkeypatch):
+    monkeypatch.setattr(presets, "PRESETS", dict(presets.PRESETS))
+    changed = presets.variant("fast", ["coarse_steps=7", "final_beta=None", "cuda_graphs=true", "weights.mask=0.5"])
+    assert changed.name == "fast+" and presets.get_preset("fast+") is changed
+    assert (changed.refine.coarse_steps, changed.refine.final_beta, changed.refine.cuda_graphs) == (7, None, True)
+    assert changed.refine.weights.mask == 0.5
+    assert changed.refine.weights.silhouette == presets.get_preset("fast").refine.weights.silhouette  # kept
+    assert presets.variant("fast", []) is presets.get_preset("fast")
+    for wrong in ("coarse_step=7", "coarse_steps=many", "cuda_graphs=maybe", "weights.nothing=1"):
+        with pytest.raises(InputError):
+            presets.variant("fast", [wrong])
