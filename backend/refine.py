@@ -113,7 +113,7 @@ class RefineConfig:
     # photometric fit than the coarse stage left; issue 3).
     sparse_learning_rate: float = 2e-4
     network_learning_rate: float = 1e-2  # decoder heads and beta
-    final_learning_rate_fraction: float = 0.1  # each stage decays exponentially to this share of its start
+    final_learning_rate_fraction: float = 0.1  # each stage (the pre-fit too) decays exponentially to this share
     weights: LossWeights = field(default_factory=LossWeights)
     regulariser_points: int = 1024  # random box points for the eikonal term, per step
     smoothness_distance: float = 0.03  # canonical units: pairs span a few fine voxels, so voxel-scale bumps are seen
@@ -232,6 +232,20 @@ def _trilinear(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return (grid.reshape(-1)[linear] * weights).sum(-1)
 
 
+def _decaying(
+    optimiser: torch.optim.Optimizer, steps: int, config: RefineConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Every stage's schedule: exponential decay to `final_learning_rate_fraction` of the start over its steps.
+
+    Adam moves every parameter by about its learning rate per step whatever the gradient's size, so at a
+    constant rate a stage ends jittering by that much; in a feature grid the jitter bends the SDF's gradient by
+    rate / voxel, worse on finer grids (the visual-hull pre-fit on dense 64^3, docs/REFINEMENT.md 3a).
+    """
+    return torch.optim.lr_scheduler.ExponentialLR(
+        optimiser, config.final_learning_rate_fraction ** (1.0 / max(steps, 1))
+    )
+
+
 def _prefit(
     model: FeatureField, sdf: torch.Tensor, config: RefineConfig, step: Callable[[int, int], None]
 ) -> dict[str, float]:
@@ -240,6 +254,7 @@ def _prefit(
     voxel = 2.0 / resolution
     near = (sdf.abs() < 2.0 * voxel).nonzero().to(sdf.device)  # voxels the surface runs through
     optimiser = torch.optim.Adam(model.parameters(), lr=config.prefit_learning_rate)
+    scheduler = _decaying(optimiser, config.prefit_steps, config)
     near_count = round(config.prefit_points * config.prefit_near_surface) if len(near) else 0
     loss = torch.zeros(())
     for index in range(config.prefit_steps):
@@ -253,6 +268,7 @@ def _prefit(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        scheduler.step()
     return {"sdf l1": float(loss.detach())}
 
 
@@ -451,8 +467,7 @@ def refine(
             parameters = [p for group in groups for p in group["params"]]
             # Fused Adam is one kernel for all parameters on CUDA; elsewhere the default (foreach) path.
             optimiser = torch.optim.Adam(groups, fused=device.type == "cuda" or None)
-            decay = config.final_learning_rate_fraction ** (1.0 / max(steps, 1))
-            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, decay)
+            scheduler = _decaying(optimiser, steps, config)
             tail = max(1, steps // 10)
             sums: dict[str, torch.Tensor] = {}
             skipped_before = int(skipped)
