@@ -1,7 +1,7 @@
 """Benchmark: one refinement of a prepared asset, traced step by step (issue 3: why `high` overgrew).
 
     python bench/refine_trace.py BUNDLE --out OUT.json [--preset high] [--size 128] [--set KEY=VALUE ...]
-                                 [--every 5] [--stop N] [--prefit-only]
+                                 [--every 5] [--stop N] [--prefit-only] [--device auto]
 
 BUNDLE is a bundle folder (e.g. DIR/barrel/bundle of a prepared dev set); its views are area-averaged down to
 --size^2 pixels (cameras rescaled), so the preset's budgets run on a CPU with fewer pixels but the same rays
@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from backend import presets  # noqa: E402
 from backend import refine as refine_module  # noqa: E402
 from backend.bundle import canonical_normalisation, load_bundle  # noqa: E402
+from backend.device import pick_device  # noqa: E402
 from backend.shading import Environment  # noqa: E402
 from bench.refine_quality import parse_overrides  # noqa: E402
 
@@ -39,25 +40,28 @@ class _Stop(Exception):  # noqa: N818 (a control-flow signal, not an error)
     pass
 
 
-def downscaled(bundle_folder: Path, size: int):
-    """Canonical cameras, images and masks of the bundle at size^2 (area average), and its known lighting."""
+def downscaled(bundle_folder: Path, size: int, device: torch.device):
+    """Canonical cameras (on the device), images and masks of the bundle at size^2 (area average), and its known
+    lighting."""
     bundle = load_bundle(bundle_folder)
-    cameras = canonical_normalisation(bundle).cameras_to_canonical(bundle.cameras).resized(size, size)
+    cameras = canonical_normalisation(bundle).cameras_to_canonical(bundle.cameras).resized(size, size).to(device)
     factor = bundle.cameras.width // size
     images = F.avg_pool2d(bundle.images.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1).contiguous()
     masks = F.avg_pool2d(bundle.masks[:, None], factor)[:, 0].contiguous()
     spec = bundle.environment
-    environment = Environment.load(spec.path, spec.rotation_z, spec.strength) if spec is not None else None
+    environment = Environment.load(spec.path, spec.rotation_z, spec.strength, device) if spec is not None else None
     return cameras, images, masks, environment
 
 
 def prefit_probe(cameras, masks, config: refine_module.RefineConfig) -> dict:
     """The visual-hull pre-fit alone, and the state of the field it leaves (see the module docstring)."""
     torch.manual_seed(config.seed)
-    model = refine_module.initial_field(config, "cpu")
-    target = refine_module.visual_hull_sdf(cameras, masks, config.hull_resolution, config.hull_mask_threshold)
+    model = refine_module.initial_field(config, cameras.device)
+    target = refine_module.visual_hull_sdf(
+        cameras, masks.to(cameras.device), config.hull_resolution, config.hull_mask_threshold
+    )  # on the CPU, where the probe's points are drawn
     clock = time.perf_counter()
-    losses = refine_module._prefit(model, target, config, lambda index, total: None)
+    losses = refine_module._prefit(model, target.to(cameras.device), config, lambda index, total: None)
     seconds = time.perf_counter() - clock
     generator = torch.Generator().manual_seed(1)
     voxel = 2.0 / config.hull_resolution
@@ -65,10 +69,10 @@ def prefit_probe(cameras, masks, config: refine_module.RefineConfig) -> dict:
     surface = -1.0 + (near[torch.randint(len(near), (5000,), generator=generator)].float() + 0.5) * voxel
     pairs = torch.cat([surface, surface]) + torch.randn(10000, 3, generator=generator) * config.smoothness_distance
     box = torch.rand(20000, 3, generator=generator) * 2.0 - 1.0
-    points = torch.cat([box, pairs]).requires_grad_(True)
+    points = torch.cat([box, pairs]).to(cameras.device).requires_grad_(True)
     sdf = model.sdf(points)
     (gradient,) = torch.autograd.grad(sdf.sum(), points)
-    error = (sdf.detach() - refine_module._trilinear(target, points.detach())).abs()
+    error = (sdf.detach() - refine_module._trilinear(target.to(cameras.device), points.detach())).abs()
     norm = gradient.norm(dim=-1)
     normals = F.normalize(gradient[20000:], dim=-1)
     return {
@@ -78,7 +82,7 @@ def prefit_probe(cameras, masks, config: refine_module.RefineConfig) -> dict:
         "near_l1": float(error[20000:].mean()),
         "box_eikonal": float(((norm[:20000] - 1.0) ** 2).mean()),
         "box_gradient_norm_quantiles": [
-            round(float(q), 2) for q in torch.quantile(norm[:20000], torch.tensor([0.1, 0.5, 0.9]))
+            round(float(q), 2) for q in torch.quantile(norm[:20000].cpu(), torch.tensor([0.1, 0.5, 0.9]))
         ],
         "near_eikonal": float(((norm[20000:] - 1.0) ** 2).mean()),
         "normal_disagreement": float(((normals[:5000] - normals[5000:]) ** 2).sum(-1).mean()),
@@ -124,10 +128,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--stop", type=int, default=None)
     parser.add_argument("--prefit-only", action="store_true")
+    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     config = replace(presets.PRESETS[args.preset].refine, **parse_overrides(args.overrides))
-    cameras, images, masks, environment = downscaled(args.bundle, args.size)
-    record = {"preset": args.preset, "size": args.size, "overrides": args.overrides, "device": "cpu"}
+    device = pick_device(args.device)
+    cameras, images, masks, environment = downscaled(args.bundle, args.size, device)
+    record = {"preset": args.preset, "size": args.size, "overrides": args.overrides, "device": str(device)}
     if args.prefit_only:
         record["prefit"] = prefit_probe(cameras, masks, config)
         print("\n".join(f"{key:<28} {value}" for key, value in record["prefit"].items()))
