@@ -116,7 +116,7 @@ class RefineConfig:
     # photometric fit than the coarse stage left; issue 3).
     sparse_learning_rate: float = 2e-4
     network_learning_rate: float = 1e-2  # decoder heads and beta
-    final_learning_rate_fraction: float = 0.1  # each stage decays exponentially to this share of its start
+    final_learning_rate_fraction: float = 0.1  # each stage (the pre-fit too) decays exponentially to this share
     weights: LossWeights = field(default_factory=LossWeights)
     regulariser_points: int = 1024  # random box points for the eikonal term, per step
     smoothness_distance: float = 0.03  # canonical units: pairs span a few fine voxels, so voxel-scale bumps are seen
@@ -239,6 +239,16 @@ def _trilinear(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return (grid.reshape(-1)[linear] * weights).sum(-1)
 
 
+def _decayed(rate: float, index: int, steps: int, config: RefineConfig) -> float:
+    """Every stage's learning rate at step `index`: exponential decay to `final_learning_rate_fraction` of `rate`.
+
+    Adam moves every parameter by about its learning rate per step whatever the gradient's size, so at a
+    constant rate a stage ends jittering by that much; in a feature grid the jitter bends the SDF's gradient by
+    rate / voxel, worse on finer grids (the visual-hull pre-fit on dense 64^3, docs/REFINEMENT.md 3a).
+    """
+    return rate * config.final_learning_rate_fraction ** (index / max(steps, 1))
+
+
 def _prefit(
     model: FeatureField, sdf: torch.Tensor, config: RefineConfig, step: Callable[[int, int], None]
 ) -> dict[str, float]:
@@ -251,6 +261,7 @@ def _prefit(
     loss = torch.zeros(())
     for index in range(config.prefit_steps):
         step(index, config.prefit_steps)
+        optimiser.param_groups[0]["lr"] = _decayed(config.prefit_learning_rate, index, config.prefit_steps, config)
         chosen = near[torch.randint(len(near), (near_count,), device=sdf.device)]
         jitter = torch.rand(near_count, 3, device=sdf.device)
         near_points = -1.0 + (chosen.float() + jitter) * voxel
@@ -465,7 +476,6 @@ def refine(
             parameters = [p for group in groups for p in group["params"]]
             # Fused Adam is one kernel for all parameters on CUDA; elsewhere the default (foreach) path.
             optimiser = torch.optim.Adam(groups, fused=device.type == "cuda" or None, capturable=graphed)
-            decay = config.final_learning_rate_fraction ** (1.0 / max(steps, 1))
 
             def step() -> dict[str, torch.Tensor]:
                 lighting = environment if estimated is None else estimated.environment()
@@ -487,7 +497,7 @@ def refine(
             for index in range(steps):
                 checkpoint(stage, index, steps)
                 for group, rate in zip(optimiser.param_groups, rates, strict=True):
-                    _set_value(group, "lr", rate * decay**index)  # exponential decay to the final fraction
+                    _set_value(group, "lr", _decayed(rate, index, steps, config))
                 if beta_bound is not None:
                     bound.fill_(beta_bound[first_step + index])
                 terms = run()

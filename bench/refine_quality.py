@@ -38,26 +38,22 @@ from backend.data.synthetic import random_object, world_normalisation  # noqa: E
 from backend.device import pick_device  # noqa: E402
 from backend.evaluate import INPUTS_INDEX, EvaluateConfig, reconstruct_prepared  # noqa: E402
 from backend.field import SurfaceField  # noqa: E402
-from backend.render import RenderOptions, ray_box_intersection, render_rays  # noqa: E402
+from backend.render import RenderOptions, render_rays  # noqa: E402
 
 PROBE_RAYS = 4096  # seeded training pixels for the surface probes
-SILHOUETTE_STEPS = 256  # SDF samples per ray for the zero-level-set silhouette
+SILHOUETTE_SAMPLES = 256  # uniform samples per ray for the zero-level-set silhouette ...
+SILHOUETTE_IMPORTANCE = 32  # ... plus these near the rendered surface
 SILHOUETTE_RAYS = 32768  # seeded pixels (of every view) it is measured on
 
 
-@torch.no_grad()
-def silhouette(field: SurfaceField, origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Per ray [N] (bool): does the SDF's zero level set (the exported surface) lie on the ray inside the box?"""
-    near, far = ray_box_intersection(origins, directions)
-    steps = torch.linspace(0.0, 1.0, SILHOUETTE_STEPS, device=origins.device)
-    covered = []
-    for start in range(0, len(origins), 512):
-        o, d = origins[start : start + 512], directions[start : start + 512]
-        n, f = near[start : start + 512], torch.maximum(far[start : start + 512], near[start : start + 512])
-        t = n[:, None] + (f - n)[:, None] * steps
-        sdf = field.sdf((o[:, None] + d[:, None] * t[..., None]).reshape(-1, 3)).reshape(t.shape)
-        covered.append(sdf.amin(-1) < 0.0)
-    return torch.cat(covered)
+def silhouette(field: SurfaceField, origins: torch.Tensor, directions: torch.Tensor, environment) -> torch.Tensor:
+    """Per ray [N] (bool): does the SDF's zero level set (the exported surface) lie on the ray inside the box?
+
+    The renderer's `min_sdf` (the smallest SDF sample, LIRM's offset left out), with many uniform samples.
+    """
+    options = RenderOptions(SILHOUETTE_SAMPLES, SILHOUETTE_IMPORTANCE, chunk_rays=512, surface_normals=True)
+    with torch.no_grad():
+        return render_rays(field, origins, directions, environment, options).min_sdf[:, 0] < 0.0
 
 
 def truth_at(name: str, points: torch.Tensor, bundle_folder: Path):
@@ -100,7 +96,7 @@ def probe(field: SurfaceField, result, cameras, images, masks, environment, name
 
     subset = torch.randperm(len(masks), generator=generator)[:SILHOUETTE_RAYS]  # seeded; all pixels take minutes
     inside = masks[subset] >= 0.5
-    covered = silhouette(field, origins[subset], directions[subset]).to(inside.device)
+    covered = silhouette(field, origins[subset], directions[subset], environment).to(inside.device)
     recall = float(covered[inside].float().mean())
     precision = float(inside[covered].float().mean()) if covered.any() else 0.0
     truth = truth_at(name, points[hit > 0], bundle)

@@ -37,7 +37,7 @@ def micro_preset():
     from backend.presets import Preset
     from tests.test_refine import TINY
 
-    refine = dataclasses.replace(TINY, prefit_steps=20, prefit_points=1024, coarse_steps=1, fine_steps=0)
+    refine = dataclasses.replace(TINY, prefit_steps=40, prefit_points=1024, coarse_steps=1, fine_steps=0)
     return Preset("micro", refine, resolution=32, texture_size=64, target_faces=500, budget="tests only")
 
 
