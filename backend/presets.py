@@ -40,7 +40,9 @@ PRESETS: dict[str, Preset] = {
             sparse_resolution=96,
             hidden=32,
             hull_resolution=48,
-            prefit_steps=60,
+            # The pre-fit's rate decays like every stage's; 60 steps then left the demo's geometry rough (Chamfer 0.119
+            # against 0.031 at a constant rate), 300 match or beat the constant rate's scores for 2 s more.
+            prefit_steps=300,
             prefit_points=2048,
             coarse_steps=300,
             fine_steps=100,
@@ -53,7 +55,7 @@ PRESETS: dict[str, Preset] = {
         resolution=96,
         texture_size=256,
         target_faces=10_000,
-        budget="refinement 60+300+100 steps of 256 rays, grids 32^3 + 96^3 sparse, 256 px textures, "
+        budget="refinement 300+300+100 steps of 256 rays, grids 32^3 + 96^3 sparse, 256 px textures, "
         "10k faces; about a minute for 8 views of 48 px on a 2-core CPU",
     ),
     "fast": Preset(
