@@ -141,18 +141,16 @@ def variant(name: str, settings: Sequence[str]) -> Preset:
     preset = get_preset(name)
     if not settings:
         return preset
-    config, weights = preset.refine, {}
+    config = preset.refine
     changes: dict[str, object] = {}
-    known = {f.name for f in fields(config)} - {"weights"}
+    weights: dict[str, object] = {}
     for setting in settings:
         key, _, text = setting.partition("=")
-        field_name = key.removeprefix("weights.")
-        if key.startswith("weights.") and field_name in {f.name for f in fields(config.weights)}:
-            weights[field_name] = _parsed(setting, text, getattr(config.weights, field_name))
-        elif key in known:
-            changes[key] = _parsed(setting, text, getattr(config, key))
-        else:
+        loss = key.startswith("weights.")
+        target, holder, field_name = (weights, config.weights, key[8:]) if loss else (changes, config, key)
+        if field_name not in {f.name for f in fields(holder)} - {"weights"}:
             raise InputError(f"'{setting}' sets nothing: RefineConfig has no field '{key}'")
+        target[field_name] = _parsed(setting, text, getattr(holder, field_name))
     if weights:
         changes["weights"] = replace(config.weights, **weights)
     changed = replace(preset, name=f"{name}+", refine=replace(config, **changes))

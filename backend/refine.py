@@ -464,15 +464,16 @@ def refine(
 
         def train(stage: str, steps: int, first_step: int) -> None:
             clock = time.perf_counter()
-            rates = [config.grid_learning_rate, config.sparse_learning_rate, config.network_learning_rate]
-            groups = [{"params": [model.dense]}, {"params": [model.sparse_features]}]
-            groups.append({"params": [*model.decoder.parameters(), model.log_beta]})
+            schedule = [
+                ([model.dense], config.grid_learning_rate),
+                ([model.sparse_features], config.sparse_learning_rate),
+                ([*model.decoder.parameters(), model.log_beta], config.network_learning_rate),
+            ]
             if estimated is not None:
-                groups.append({"params": list(estimated.parameters())})
-                rates.append(config.environment_learning_rate)
-            for group, rate in zip(groups, rates, strict=True):
-                # A replayed graph reads the learning rate from the device, so there it is a tensor updated in place.
-                group["lr"] = torch.tensor(rate, device=device) if graphed else rate
+                schedule.append((list(estimated.parameters()), config.environment_learning_rate))
+            rates = [rate for _, rate in schedule]
+            # A replayed graph reads the learning rate from the device, so there it is a tensor updated in place.
+            groups = [{"params": p, "lr": torch.tensor(r, device=device) if graphed else r} for p, r in schedule]
             parameters = [p for group in groups for p in group["params"]]
             # Fused Adam is one kernel for all parameters on CUDA; elsewhere the default (foreach) path.
             optimiser = torch.optim.Adam(groups, fused=device.type == "cuda" or None, capturable=graphed)
