@@ -105,3 +105,17 @@ def test_on_the_toy_task_the_skip_learns_colour_and_the_old_model_learns_grey() 
     assert scores[True]["hue"]["slope"] > 0.6, scores[True]
     assert abs(scores[False]["hue"]["slope"]) < 0.1, scores[False]
     assert scores[True]["mean_colour_psnr"] > scores[False]["mean_colour_psnr"] + 5.0
+
+
+def test_a_model_trained_without_the_skip_continues_with_it() -> None:
+    # `train --init` of a checkpoint from before the flag: its transformer weights carry over, the colour path starts
+    # as in a fresh model, so it sees hue at once.
+    torch.manual_seed(0)
+    old = LSRM(dataclasses.replace(CONFIGS["tiny"], colour_skip=False))
+    upgraded = old.with_colour_skip()
+    assert upgraded.config == CONFIGS["tiny"] and upgraded.with_colour_skip() is upgraded
+    before, after = old.state_dict(), upgraded.state_dict()
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
+    assert set(changed) == {"dense.unproject_colour.weight", "dense.unpatchify.weight"}
+    red, blue = mean_albedo(upgraded, RED), mean_albedo(upgraded, BLUE)
+    assert (red[0] - red[2]) - (blue[0] - blue[2]) > 0.9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from backend.cli import main
 from backend.data.sources import folder_viewsets, synthetic_viewset
 from backend.data.synthetic import write_synthetic_bundle
 from backend.data.views import EnvironmentBank, ScenePool, sample_batch
+from backend.model.checkpoint import load_checkpoint, save_checkpoint
 from backend.model.config import CONFIGS
 from backend.model.losses import LossConfig
 from backend.model.lsrm import LSRM
@@ -69,6 +71,15 @@ def test_resume_continues_bit_for_bit(tmp_path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), name
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]  # each run logs its last step
+
+
+def test_a_run_from_before_the_colour_skip_continues_with_it(tmp_path) -> None:
+    old = LSRM(dataclasses.replace(CONFIGS["tiny"], colour_skip=False))
+    save_checkpoint(old, tmp_path / "old.safetensors")
+    small = ["--batch", "1", "--pool", "2", "--inputs", "2", "2", "--targets", "1", "--eval-every", "0"]
+    assert run_train(tmp_path / "run", *small, "--steps", "1", "--init", str(tmp_path / "old.safetensors")) == 0
+    continued = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert continued.config == CONFIGS["tiny"] and continued.decoder.colour is not None
 
 
 def test_scene_pool_rebuilds_the_same_slots_at_any_step() -> None:

@@ -13,7 +13,7 @@ like any other field.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +164,20 @@ class LSRM(nn.Module):
         rows = self.dense.unpatchify.weight.view(-1, channels, self.config.hidden)  # [u^3, C, hidden]
         rows[:, colour] = 0.0
         self.dense.unpatchify.bias.view(-1, channels)[:, colour] = 0.0
+
+    @torch.no_grad()
+    def with_colour_skip(self) -> LSRM:
+        """This model's weights in a model with the colour skip, so a run trained without it can continue with it
+        (`train --init`): the colour channels and the decoder's skip start as in a fresh model; the decoder's other
+        weights read colour where they read learned features before, and training adapts them."""
+        if self.config.colour_skip:
+            return self
+        model = LSRM(replace(self.config, colour_skip=True))
+        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or set(missing) != {"decoder.colour.weight", "decoder.colour.bias"}:
+            raise ValueError(f"not the same model apart from the colour skip: {missing=}, {unexpected=}")
+        model._start_colour_channels()
+        return model
 
     @torch.no_grad()
     def start_sparse_from_dense(self) -> None:
