@@ -145,9 +145,8 @@ def read_blended(
         return dense_part
     found, rows, weights = _sparse_neighbours(keys, resolution, points)
     sparse_weights = weights * found  # [N, 8]
-    sparse_part = (features.index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1) * sparse_weights[..., None]).sum(
-        1
-    )
+    corners = features.index_select(0, rows.reshape(-1)).reshape(*rows.shape, features.shape[-1])  # [N, 8, C]
+    sparse_part = (corners * sparse_weights[..., None]).sum(1)
     return sparse_part + (1.0 - sparse_weights.sum(1, keepdim=True)) * dense_part
 
 
