@@ -92,8 +92,13 @@ def test_activate_near_surface_and_checkpoint_round_trip():
     assert field.activate_near_surface() == 0
     field.set_sparse(torch.tensor([[3, 4, 5], [1, 2, 3], [3, 4, 5]]))  # duplicates collapse
     assert field.sparse_count == 2 and (field.sparse_keys.diff() > 0).all()
-    # Still no surface, now with fine voxels to blend: no point is tested, none qualifies (`both` on the barrel).
+    # Now with fine voxels to blend and no surface within a block's reach of any block centre: no voxel is tested
+    # (`both` on the barrel, whose coarse stage lost the surface).
+    with torch.no_grad():
+        field.decoder.geometry.bias[0] = 0.9
     assert field.activate_near_surface() == 0 and field.sparse_count == 0
+    with torch.no_grad():
+        field.decoder.geometry.bias[0] = 0.5
     field.set_sparse(torch.tensor([[3, 4, 5], [1, 2, 3], [3, 4, 5]]))
     restored = FeatureField(SMALL)
     restored.load_state_dict(field.state_dict())
