@@ -117,6 +117,10 @@ class RefineConfig:
     sparse_learning_rate: float = 2e-4
     network_learning_rate: float = 1e-2  # decoder heads and beta
     final_learning_rate_fraction: float = 0.1  # each stage (the pre-fit too) decays exponentially to this share
+    # Each stage's rates ramp up linearly over this many first steps (0: none). A stage starts a fresh Adam, whose
+    # first steps move every value by about the rate: on the barrel that tripled the normals' disagreement within
+    # 5 coarse steps, and 25 warm-up steps kept it flat (CPU; docs/REFINEMENT.md 3b). Off until a GPU run decides.
+    warmup_steps: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
     regulariser_points: int = 1024  # random box points for the eikonal term, per step
     smoothness_distance: float = 0.03  # canonical units: pairs span a few fine voxels, so voxel-scale bumps are seen
@@ -240,13 +244,15 @@ def _trilinear(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def _decayed(rate: float, index: int, steps: int, config: RefineConfig) -> float:
-    """Every stage's learning rate at step `index`: exponential decay to `final_learning_rate_fraction` of `rate`.
+    """Every stage's learning rate at step `index`: exponential decay to `final_learning_rate_fraction` of `rate`,
+    after a linear ramp over the first `warmup_steps`.
 
     Adam moves every parameter by about its learning rate per step whatever the gradient's size, so at a
     constant rate a stage ends jittering by that much; in a feature grid the jitter bends the SDF's gradient by
     rate / voxel, worse on finer grids (the visual-hull pre-fit on dense 64^3, docs/REFINEMENT.md 3a).
     """
-    return rate * config.final_learning_rate_fraction ** (index / max(steps, 1))
+    ramp = min(1.0, (index + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    return ramp * rate * config.final_learning_rate_fraction ** (index / max(steps, 1))
 
 
 def _prefit(

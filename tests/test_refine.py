@@ -263,3 +263,11 @@ def test_cuda_graph_steps_fit_like_eager_steps(views):
         graphed.report.training_psnr,
         eager.report.training_psnr,
     )
+
+
+def test_every_stage_ramps_up_then_decays_by_one_schedule() -> None:
+    rate = refine_module._decayed
+    plain, warm = RefineConfig(final_learning_rate_fraction=0.1), RefineConfig(warmup_steps=4)
+    assert [rate(1.0, i, 100, plain) for i in (0, 100)] == [1.0, pytest.approx(0.1)]
+    ramp = [rate(1.0, i, 100, warm) / rate(1.0, i, 100, plain) for i in range(6)]
+    assert ramp == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
