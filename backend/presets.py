@@ -74,8 +74,8 @@ PRESETS: dict[str, Preset] = {
         target_faces=30_000,
         engine="feedforward",
         budget="without a checkpoint the shortest refinement: 150+300+200 steps of 2048 rays, grids 48^3 + "
-        "128^3 sparse, 1024 px textures, 30k faces; measured 17-25 s (mean 21 s) per object, 16 views of 512^2, "
-        "on one H200 (bench/devset_reconstruct.py); target 15 s",
+        "128^3 sparse, 1024 px textures, 30k faces; measured 19-29 s (mean 22 s) per object, 16 views of 512^2, "
+        "on one H200 (bench/devset_reconstruct.py; 7-8 s with cuda_graphs); target 15 s",
     ),
     "standard": Preset(
         name="standard",
@@ -95,8 +95,8 @@ PRESETS: dict[str, Preset] = {
         texture_size=2048,
         target_faces=100_000,
         budget="refinement 150+800+800 steps of 4096 rays, grids 64^3 + 192^3 sparse, 2048 px textures, "
-        "100k faces; measured 57-66 s (mean 64 s) per object, 16 views of 512^2, on one H200 "
-        "(bench/devset_reconstruct.py); target at most 60 s",
+        "100k faces; measured 59-91 s (mean 71 s) per object, 16 views of 512^2, on one H200 "
+        "(bench/devset_reconstruct.py; 30-31 s with cuda_graphs); target at most 60 s",
     ),
     "high": Preset(
         name="high",
@@ -121,7 +121,8 @@ PRESETS: dict[str, Preset] = {
         # standard's samples per ray on twice the rays, 1.5x the steps, twice the channels, on fast's grids: with a
         # 256^3 sparse grid the mesh overgrew the masks threefold on the barrel (docs/REFINEMENT.md)
         budget="refinement 300+1000+1700 steps of 8192 rays, grids 48^3 + 128^3 sparse, 4096 px textures, "
-        "250k faces; measured 141 s on the barrel, 16 views of 512^2, on one H200 (bench/refine_quality.py); "
+        "250k faces; measured 141 s on the barrel, 16 views of 512^2, on one H200 (bench/refine_quality.py; 114-119 s "
+        "on the barrel and teddy bear with cuda_graphs); "
         "with 256^3 grids 132-149 s per object and below standard on the dev set (docs/REFINEMENT.md)",
     ),
 }
