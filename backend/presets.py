@@ -168,4 +168,5 @@ def _parsed(setting: str, text: str, like: object) -> object:
             return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
         return float(text) if like is None or isinstance(like, float) else type(like)(text)
     except (KeyError, ValueError):
-        raise InputError(f"'{setting}': '{text}' is not a {type(like).__name__}") from None
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(like), type(like).__name__)
+        raise InputError(f"'{setting}': '{text}' is not {kind}") from None

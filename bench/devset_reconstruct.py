@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from backend.atomic import atomic_file  # noqa: E402
 from backend.device import device_report, pick_device  # noqa: E402
+from backend.errors import run_script  # noqa: E402
 from backend.evaluate import INPUTS_INDEX, EvaluateConfig, load_reconstructions, reconstruct_prepared  # noqa: E402
 from backend.presets import PRESETS, variant  # noqa: E402
 from backend.reconstruct import ENGINES  # noqa: E402
@@ -127,4 +128,4 @@ def _gib(value: int | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

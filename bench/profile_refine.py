@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from backend.data.synthetic import environment_rotation, sample_cameras, sample_scene
 from backend.device import device_report, pick_device
+from backend.errors import run_script
 from backend.mesh import extract_surface, sample_points
 from backend.metrics import geometry_metrics, image_metrics
 from backend.presets import variant
@@ -216,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,6 +36,7 @@ from backend.bundle import canonical_normalisation, load_bundle  # noqa: E402
 from backend.cameras import image_rays  # noqa: E402
 from backend.data.synthetic import random_object, world_normalisation  # noqa: E402
 from backend.device import pick_device  # noqa: E402
+from backend.errors import run_script  # noqa: E402
 from backend.evaluate import INPUTS_INDEX, EvaluateConfig, reconstruct_prepared  # noqa: E402
 from backend.field import SurfaceField  # noqa: E402
 from backend.render import RenderOptions, render_rays  # noqa: E402
@@ -181,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

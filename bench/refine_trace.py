@@ -31,6 +31,7 @@ from backend import presets  # noqa: E402
 from backend import refine as refine_module  # noqa: E402
 from backend.bundle import canonical_normalisation, load_bundle  # noqa: E402
 from backend.device import pick_device  # noqa: E402
+from backend.errors import run_script  # noqa: E402
 from backend.shading import Environment  # noqa: E402
 
 
@@ -146,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

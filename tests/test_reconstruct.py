@@ -216,3 +216,14 @@ def test_a_preset_variant_sets_typed_fields_and_names_itself(monkeypatch):
     for wrong in ("coarse_step=7", "coarse_steps=many", "cuda_graphs=maybe", "weights.nothing=1"):
         with pytest.raises(InputError):
             presets.variant("fast", [wrong])
+
+
+def test_a_benchmark_refuses_a_bad_setting_in_one_sentence() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/profile_refine.py", "--set", "coarse_steps=many"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: 'coarse_steps=many': 'many' is not an integer"
