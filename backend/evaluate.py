@@ -190,6 +190,17 @@ def prepare_asset(asset: Path, folder: Path, config: EvaluateConfig, progress: P
 # ----------------------------------------------------------------------------- phase 2: reconstruct (no bpy)
 
 
+def reconstruction_settings(config: EvaluateConfig) -> dict:
+    """What decides a reconstruction besides the bundle and the code: the preset's budgets (not its prose), the
+    engine and the checkpoint, as plain JSON. A record made under other settings is not a result of these."""
+    from .presets import get_preset
+
+    preset = asdict(get_preset(config.preset))
+    del preset["budget"]
+    settings = {"preset": preset, "engine": config.engine, "checkpoint": config.checkpoint and str(config.checkpoint)}
+    return json.loads(json.dumps(settings))
+
+
 def reconstruct_prepared(folder: Path, glb: Path, config: EvaluateConfig, progress: Progress = no_progress) -> dict:
     """Reconstruct folder/bundle into glb with the config's preset; return the record the score phase reads.
 
@@ -226,6 +237,7 @@ def reconstruct_prepared(folder: Path, glb: Path, config: EvaluateConfig, progre
         "views_used": result.views_used,
         "export": result.export_stats,
         "warnings": list(result.warnings),
+        "settings": reconstruction_settings(config),
     }
 
 

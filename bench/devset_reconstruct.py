@@ -4,13 +4,13 @@
                                        [--engine refine|feedforward|both] [--checkpoint MODEL.safetensors]
                                        [--device auto] [--deadline-s SECONDS]
 
-DIR is what `python -m backend evaluate ASSET... --out DIR --phase inputs` prepared (only DIR/inputs.json
-and DIR/<name>/bundle/ are read). Per preset and asset, backend.evaluate.reconstruct_prepared writes
-RUN/<preset>/<name>.glb and RUN/<preset>/<name>.json: wall time, stage times, peak GPU memory, training
-PSNR, or the error when it failed. A failing asset does not stop the others; runs not started before
---deadline-s are recorded as skipped; runs that RUN already holds (GLB + record without error) are kept,
-so calling it again resumes. Needs no Blender. Prints a line per run and a table, writes
-RUN/<preset>/summary.json. Score each preset afterwards (with Blender):
+DIR is what `python -m backend evaluate ASSET... --out DIR --phase inputs` prepared (only DIR/inputs.json and
+DIR/<name>/bundle/ are read). Per preset and asset, backend.evaluate.reconstruct_prepared writes
+RUN/<preset>/<name>.glb and RUN/<preset>/<name>.json: wall time, stage times, peak GPU memory, training PSNR,
+or the error when it failed. A failing asset does not stop the others; runs not started before --deadline-s
+are recorded as skipped; runs that RUN already holds (GLB + record without error, made with the same preset
+settings, engine and checkpoint) are kept, so calling it again resumes. Needs no Blender. Prints a line per
+run and a table, writes RUN/<preset>/summary.json. Score each preset afterwards (with Blender):
     python -m backend evaluate --phase score --out DIR --reconstructions RUN/<preset>
 A benchmark, not a test.
 """
@@ -32,7 +32,13 @@ import torch  # noqa: E402
 from backend.atomic import atomic_file  # noqa: E402
 from backend.device import device_report, pick_device  # noqa: E402
 from backend.errors import run_script  # noqa: E402
-from backend.evaluate import INPUTS_INDEX, EvaluateConfig, load_reconstructions, reconstruct_prepared  # noqa: E402
+from backend.evaluate import (  # noqa: E402
+    INPUTS_INDEX,
+    EvaluateConfig,
+    load_reconstructions,
+    reconstruct_prepared,
+    reconstruction_settings,
+)
 from backend.presets import PRESETS, variant  # noqa: E402
 from backend.reconstruct import ENGINES  # noqa: E402
 
@@ -84,15 +90,17 @@ def main() -> None:
         out = args.out / preset
         out.mkdir(parents=True, exist_ok=True)
         elapsed = time.perf_counter() - begin
+        config = EvaluateConfig(preset=preset, engine=args.engine, checkpoint=args.checkpoint, device=str(device))
         earlier = load_reconstructions(out, [name])[name]  # a GLB an earlier call made is kept: calls resume
-        if "error" not in earlier:
+        if "error" not in earlier and earlier.get("settings") == reconstruction_settings(config):
             record = earlier
         elif args.deadline_s is not None and elapsed > args.deadline_s:
             record = {"preset": preset, "error": f"skipped: the {args.deadline_s:.0f} s deadline had passed"}
             write_json(out / f"{name}.json", record)
         else:
+            if "error" not in earlier:
+                print(f"{out / name}.glb was made with other settings: reconstructing it again", flush=True)
             print(f"[{number}/{len(runs)} {elapsed:6.0f} s] {preset} {name} ...", flush=True)
-            config = EvaluateConfig(preset=preset, engine=args.engine, checkpoint=args.checkpoint, device=str(device))
             record = run_one(args.prepared, name, out, config)
         rows.append({"preset": preset, "asset": name, **record})
         print(f"[{number}/{len(runs)}] {preset} {name}: {summary_line(record)}", flush=True)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from backend.cli import main
 from backend.errors import InputError
-from backend.evaluate import EvaluateConfig, evaluate
+from backend.evaluate import EvaluateConfig, evaluate, reconstruction_settings
 from backend.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,11 +246,15 @@ def test_devset_reconstruct_records_failures_and_needs_no_blender(tmp_path, monk
 
     # In-process (no second interpreter start): a deadline already passed starts nothing and says so,
     # and what an earlier call made (GLB + record) is kept, so a second call resumes.
+    # A record made under other settings (here: none recorded, as before settings were) is made again.
+    settings = reconstruction_settings(EvaluateConfig(preset="fast"))
     earlier = {"preset": "fast", "engine": "refine", "seconds": 31.0, "peak_gpu_memory_bytes": 2**30}
-    earlier.update(timings={"coarse": 20.0, "total": 31.0}, training_psnr=30.0)
+    earlier.update(timings={"coarse": 20.0, "total": 31.0}, training_psnr=30.0, settings=settings)
     (run / "fast").mkdir()
     (run / "fast" / "broken.json").write_text(json.dumps(earlier))
     (run / "fast" / "broken.glb").write_bytes(b"glTF")
+    (run / "fast" / "missing.json").write_text(json.dumps({**earlier, "settings": None}))
+    (run / "fast" / "missing.glb").write_bytes(b"glTF")
     spec = importlib.util.spec_from_file_location("devset_reconstruct", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
