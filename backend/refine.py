@@ -135,6 +135,7 @@ class RefineConfig:
     # measured on a GPU: it was written on a machine without one (tests/test_refine.py has the check to run).
     cuda_graphs: bool = False
     max_skipped_fraction: float = 0.1  # more skipped steps than this share of a stage is a divergence
+    max_gradient_norm: float = 1.0  # a step's gradients are scaled down to this total norm (usual: 0.05-0.5)
     # Evaluation.
     psnr_rays: int = 8192  # fixed seeded subset of training pixels the report's PSNR is measured on
 
@@ -380,16 +381,22 @@ def _total_variation(grid: torch.Tensor) -> torch.Tensor:
     return sum((grid.diff(dim=axis) ** 2).mean() for axis in (1, 2, 3)) / 3.0
 
 
-def _finite_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """Zero every gradient when the loss or any gradient is not finite; returns that flag (0-d bool) on the device.
+def _guard_gradients(parameters: list[torch.Tensor], loss: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Zero every gradient when the loss or any gradient is not finite, else scale them down to a total norm of at
+    most `max_norm`; returns whether the step was finite (0-d bool) on the device.
 
-    No host sync: a bad step becomes a step with zero gradients (Adam's moments carry it), and the
-    caller counts the flags and reads the count only every few steps.
+    No host sync: a bad step becomes a step with zero gradients (Adam's moments carry it), and the caller counts
+    the flags and reads the count only every few steps. The bound is for spikes: on the barrel one step's gradient
+    was 10^5 times the usual (through the photometric term), and Adam turned it into a run of full-rate steps that
+    erased the surface (docs/REFINEMENT.md 3b). Later steps have norms of 0.05-0.5; a stage's first steps can
+    exceed 1 and are tempered too.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    finite = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    norm = torch.stack(torch._foreach_norm(grads)).norm()
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    torch._foreach_mul_(grads, (max_norm / norm.clamp_min(1e-12)).clamp(max=1.0))
     for grad in grads:
-        grad.masked_fill_(~finite, 0.0)
+        grad.masked_fill_(~finite, 0.0)  # NaN times anything stays NaN
     return finite
 
 
@@ -490,7 +497,7 @@ def refine(
                 terms = _losses(model, rays, batch, lighting, config, options)
                 loss = _weighted(terms, config.weights)
                 loss.backward()
-                skipped.add_(~_finite_gradients(parameters, loss))
+                skipped.add_(~_guard_gradients(parameters, loss, config.max_gradient_norm))
                 optimiser.step()
                 if beta_bound is not None:
                     with torch.no_grad():

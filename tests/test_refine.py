@@ -271,3 +271,18 @@ def test_every_stage_ramps_up_then_decays_by_one_schedule() -> None:
     assert [rate(1.0, i, 100, plain) for i in (0, 100)] == [1.0, pytest.approx(0.1)]
     ramp = [rate(1.0, i, 100, warm) / rate(1.0, i, 100, plain) for i in range(6)]
     assert ramp == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_a_gradient_spike_is_scaled_down_and_a_non_finite_step_zeroed() -> None:
+    # The barrel's collapse (docs/REFINEMENT.md 3b): one finite gradient 10^5 times the usual made Adam erase the
+    # surface. The guard bounds the step's total norm; a non-finite step is reported and contributes nothing.
+    parameters = [torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)]
+    parameters[0].grad, parameters[1].grad = torch.tensor([3e4, 0.0, 4e4]), torch.zeros(4)
+    assert bool(refine_module._guard_gradients(parameters, torch.tensor(0.1), 1.0))
+    assert torch.allclose(parameters[0].grad, torch.tensor([0.6, 0.0, 0.8]))
+    parameters[0].grad = torch.tensor([0.03, 0.0, 0.04])  # a usual step is left as it is
+    refine_module._guard_gradients(parameters, torch.tensor(0.1), 1.0)
+    assert torch.equal(parameters[0].grad, torch.tensor([0.03, 0.0, 0.04]))
+    parameters[1].grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    assert not bool(refine_module._guard_gradients(parameters, torch.tensor(0.1), 1.0))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in parameters)
