@@ -387,7 +387,7 @@ def _guard_gradients(parameters: list[torch.Tensor], loss: torch.Tensor, max_nor
 
     No host sync: a bad step becomes a step with zero gradients (Adam's moments carry it), and the caller counts
     the flags and reads the count only every few steps. The bound is for spikes: on the barrel one step's gradient
-    was 10^5 times the usual (through the photometric term), and Adam turned it into a run of full-rate steps that
+    was 10^5 times the usual (in the photometric term), and Adam turned it into a run of full-rate steps that
     erased the surface (docs/REFINEMENT.md 3b). Later steps have norms of 0.05-0.5; a stage's first steps can
     exceed 1 and are tempered too.
     """
