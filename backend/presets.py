@@ -154,7 +154,10 @@ def variant(name: str, settings: Sequence[str]) -> Preset:
         target[field_name] = _parsed(setting, text, getattr(holder, field_name))
     if weights:
         changes["weights"] = replace(config.weights, **weights)
-    changed = replace(preset, name=f"{name}+", refine=replace(config, **changes))
+    try:
+        changed = replace(preset, name=f"{name}+", refine=replace(config, **changes))
+    except ValueError as error:
+        raise InputError(f"--set {' '.join(settings)}: {error}") from None
     PRESETS[changed.name] = changed
     return changed
 

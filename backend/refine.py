@@ -131,13 +131,19 @@ class RefineConfig:
     # Robustness: a step whose loss or gradients are not finite is skipped (zero gradients); the host reads
     # the count and checks the parameters every `check_every` steps only (each read is a device sync).
     check_every: int = 50
-    # Record each image stage's step once as a CUDA graph and replay it (CUDA with known lighting only). Off until
-    # measured on a GPU: it was written on a machine without one (tests/test_refine.py has the check to run).
+    # Record each image stage's step once as a CUDA graph and replay it (CUDA with known lighting only): 2.4x faster
+    # on an H200; off until the barrel's GPU runs show the gradient bound keeps it from collapsing (REFINEMENT.md 3b).
     cuda_graphs: bool = False
     max_skipped_fraction: float = 0.1  # more skipped steps than this share of a stage is a divergence
     max_gradient_norm: float = 1.0  # a step's gradients are scaled down to this total norm (usual: 0.05-0.5)
     # Evaluation.
     psnr_rays: int = 8192  # fixed seeded subset of training pixels the report's PSNR is measured on
+
+    def __post_init__(self) -> None:
+        if not self.max_gradient_norm > 0.0:
+            raise ValueError(f"max_gradient_norm must be positive, got {self.max_gradient_norm}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
 
 
 @dataclass

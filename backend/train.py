@@ -343,9 +343,10 @@ def _train(config: TrainConfig, process: Process, out: Path, progress: Progress,
     resume = (out / STATE).is_file()
     start_from = config.init is not None and not resume
     model = load_checkpoint(config.init) if start_from else LSRM(CONFIGS[config.model])
-    if start_from and dataclasses.replace(model.config, colour_skip=True) == CONFIGS[config.model]:
+    wanted = CONFIGS[config.model]
+    if start_from and wanted.colour_skip and model.config == dataclasses.replace(wanted, colour_skip=False):
         model = model.with_colour_skip()  # a run from before the skip continues with it
-    if start_from and model.config != CONFIGS[config.model]:
+    if start_from and model.config != wanted:
         raise InputError(f"--init '{config.init}' is not a '{config.model}' checkpoint; pass the matching --model")
     if config.stage == 2 and not resume:
         model.start_sparse_from_dense()

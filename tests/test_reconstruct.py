@@ -213,7 +213,8 @@ def test_a_preset_variant_sets_typed_fields_and_names_itself(monkeypatch):
     assert changed.refine.weights.mask == 0.5
     assert changed.refine.weights.silhouette == presets.get_preset("fast").refine.weights.silhouette  # kept
     assert presets.variant("fast", []) is presets.get_preset("fast")
-    for wrong in ("coarse_step=7", "coarse_steps=many", "cuda_graphs=maybe", "weights.nothing=1"):
+    wrongs = ("coarse_step=7", "coarse_steps=many", "cuda_graphs=maybe", "weights.nothing=1", "max_gradient_norm=0")
+    for wrong in wrongs:
         with pytest.raises(InputError):
             presets.variant("fast", [wrong])
 

@@ -80,6 +80,9 @@ def test_a_run_from_before_the_colour_skip_continues_with_it(tmp_path) -> None:
     assert run_train(tmp_path / "run", *small, "--steps", "1", "--init", str(tmp_path / "old.safetensors")) == 0
     continued = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert continued.config == CONFIGS["tiny"] and continued.decoder.colour is not None
+    # One without the unprojection is another model: refused in one sentence, as run 1's weights were on the GPU.
+    save_checkpoint(LSRM(dataclasses.replace(old.config, unproject=False)), tmp_path / "older.safetensors")
+    assert run_train(tmp_path / "other", *small, "--steps", "1", "--init", str(tmp_path / "older.safetensors")) == 2
 
 
 def test_scene_pool_rebuilds_the_same_slots_at_any_step() -> None:
