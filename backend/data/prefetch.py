@@ -16,8 +16,10 @@ and its split-sum tables (pickling it would send a copy of both with every scene
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
+import resource
 import signal
 import time
 import traceback
@@ -83,6 +85,11 @@ class Prefetcher:
         if ahead < 1:
             raise ValueError("a prefetcher renders at least one scene ahead")
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        # Each CPU tensor received holds a file descriptor (about 35 per scene): a pool of 24 would pass
+        # the usual soft limit of 1024, so take what the hard limit allows.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
         self.bank, self.timeout, self.next_seed = bank, timeout, first
         self.channel = context.Queue(maxsize=ahead)
         self.stop = context.Event()
