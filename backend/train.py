@@ -393,6 +393,8 @@ def _train(
     pool = ScenePool(
         spec.build(bank), config.pool, config.refresh_every, FIRST_TRAINING_SEED + process.rank * 10_000_000
     )
+    if config.prefetch and device.type not in ("cuda", "cpu"):
+        raise InputError(f"--prefetch shares tensors between processes on CUDA or the CPU, not {device.type}; use 0")
     if config.prefetch:  # a producer process renders the pool's next scenes while this one trains
         pool.make = resources.enter_context(Prefetcher(spec, pool.first_seed(step), config.prefetch, bank))
         resources.callback(pool.slots.clear)  # runs first: drop the producer's tensors before it stops

@@ -46,7 +46,7 @@ def _put(channel, item: tuple, stop, parent) -> bool:
 
 
 def _produce(spec: SourceSpec, first: int, channel, stop, threads: int) -> None:
-    """The producer's main: render seeds first, first + 1, ... until stopped, or send the error and exit."""
+    """The producer's main: render seeds first, first + 1, ... until stopped; on an error, send it and wait."""
     # The trainer decides when this process stops: Ctrl-C and SIGTERM reach the whole process group, and
     # on SIGTERM the trainer still needs scenes to finish its step and save. An orphan notices its
     # parent is gone in `_put`.
@@ -56,8 +56,9 @@ def _produce(spec: SourceSpec, first: int, channel, stop, threads: int) -> None:
     parent = mp.parent_process()
     seed = first
     try:
-        if torch.device(spec.device).type == "cuda":
-            torch.cuda.set_device(torch.device(spec.device))
+        device = torch.device(spec.device)
+        if device.type == "cuda" and device.index is not None:  # a torchrun rank's GPU ("cuda" alone: the default)
+            torch.cuda.set_device(device)
         bank = spec.bank()
         make = spec.build(bank)
         while not stop.is_set():
