@@ -311,6 +311,13 @@ def _add_train(command) -> None:
     train.add_argument("--environments", nargs="+", default=list(d.environments), help="studio worlds to light with")
     train.add_argument("--pool", type=int, default=d.pool, help=f"rendered objects kept per device ({d.pool})")
     train.add_argument("--refresh-every", type=int, default=d.refresh_every, help="steps per re-rendered object")
+    train.add_argument(
+        "--prefetch",
+        type=int,
+        default=d.prefetch,
+        help="pool objects a background process renders ahead (e.g. 3 on a GPU); 0 (default): inline, as on a "
+        "CPU, where the producer would only take cores from training (the GPU gain is not measured yet)",
+    )
     train.add_argument("--depth-weight", type=float, default=d.depth_weight, help="depth loss weight")
     train.add_argument("--material-weight", type=float, default=d.material_weight, help="material loss weight")
     train.add_argument(

@@ -17,6 +17,7 @@ settings) are written together every `checkpoint_every` steps, at the time limit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -33,7 +34,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .atomic import atomic_file
-from .data.sources import FIRST_TRAINING_SEED, SOURCES, make_source
+from .data.prefetch import Prefetcher
+from .data.sources import FIRST_TRAINING_SEED, SOURCES, SourceSpec, make_source
 from .data.views import Batch, EnvironmentBank, ScenePool, ViewSet, sample_batch
 from .device import pick_device
 from .errors import InputError
@@ -81,6 +83,9 @@ class TrainConfig:
     environments: tuple[str, ...] = BUILTIN_ENVIRONMENTS  # studio worlds that light rendered training views
     pool: int = 16  # rendered objects kept per device
     refresh_every: int = 2  # re-render one pool object every this many steps
+    # Scenes a producer process renders ahead (data/prefetch.py); 0 renders them inline. Inline by default:
+    # on a CPU the producer only takes cores from training, and the GPU gain is not measured yet.
+    prefetch: int = 0
     depth_weight: float = 0.1  # run 1 used 0.5: its gradient then outweighed colour's 100 to 1 (docs/TRAINING.md)
     material_weight: float = 2.0
     surface_material_weight: float = 5.0  # materials at points of the known true surface (procedural, furniture)
@@ -121,6 +126,10 @@ class TrainConfig:
             raise InputError(f"--guide '{self.guide}' is unknown; use model or truth")
         if self.lr <= 0 or self.rays < 1 or self.refresh_every < 1 or self.resolution < 0:
             raise InputError("--lr, --rays and --refresh-every must be positive and --resolution not negative")
+        if self.prefetch < 0 or (self.prefetch and self.data == "folder"):
+            raise InputError(
+                "--prefetch must be 0 or more, and 0 with --data folder (its views are loaded, not rendered)"
+            )
         out = Path(self.out)
         if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / STATE).is_file()):
             raise InputError(f"--out '{out}' is a file or a folder that holds no training run; give a new folder")
@@ -329,7 +338,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> dict:
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     try:
-        return _train(config, process, out, progress, started, stop_requested)
+        with contextlib.ExitStack() as resources:  # the scene producer, stopped however training ends
+            return _train(config, process, out, progress, started, stop_requested, resources)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if process.world > 1 and dist.is_initialized():
@@ -337,7 +347,15 @@ def train(config: TrainConfig, progress: Progress | None = None) -> dict:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, process: Process, out: Path, progress: Progress, started: float, stop) -> dict:
+def _train(
+    config: TrainConfig,
+    process: Process,
+    out: Path,
+    progress: Progress,
+    started: float,
+    stop,
+    resources: contextlib.ExitStack,
+) -> dict:
     device = process.device
     torch.manual_seed(config.seed)
     resume = (out / STATE).is_file()
@@ -368,9 +386,18 @@ def _train(config: TrainConfig, process: Process, out: Path, progress: Progress,
 
     resolution = config.resolution or model.config.image_size
     views = config.inputs[1] + config.targets + 4  # a few spare views, so inputs and targets vary
-    bank = EnvironmentBank(config.environments, device)
-    make = make_source(config.data, views, resolution, device, bank, config.data_dir, config.furniture_dir)
-    pool = ScenePool(make, config.pool, config.refresh_every, FIRST_TRAINING_SEED + process.rank * 10_000_000)
+    spec = SourceSpec(
+        config.data, views, resolution, str(device), config.environments, config.data_dir, config.furniture_dir
+    )
+    bank = spec.bank()
+    pool = ScenePool(
+        spec.build(bank), config.pool, config.refresh_every, FIRST_TRAINING_SEED + process.rank * 10_000_000
+    )
+    if config.prefetch and device.type not in ("cuda", "cpu"):
+        raise InputError(f"--prefetch shares tensors between processes on CUDA or the CPU, not {device.type}; use 0")
+    if config.prefetch:  # a producer process renders the pool's next scenes while this one trains
+        pool.make = resources.enter_context(Prefetcher(spec, pool.first_seed(step), config.prefetch, bank))
+        resources.callback(pool.slots.clear)  # runs first: drop the producer's tensors before it stops
     evaluation = None
     if process.main:
         out.mkdir(parents=True, exist_ok=True)

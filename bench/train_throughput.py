@@ -3,11 +3,13 @@
     python bench/train_throughput.py [--model small] [--batch 4] [--out out/bench/train_1gpu.json]
     torchrun --nproc_per_node 4 bench/train_throughput.py --out out/bench/train_4gpu.json
     python bench/train_throughput.py --summarise out/bench/train_*gpu.json   # scaling table
+    python bench/train_throughput.py --prefetch 3 --out out/bench/train_1gpu_prefetch.json  # background renderer
 
 Runs the real training loop (synthetic data, the scene pool's re-rendering included) into a
 temporary folder: `--warm` steps are not counted, the next `--steps` are. Samples and tokens are
-summed over all ranks. The summary gives each run's scaling efficiency against the one-GPU run:
-(samples/s on N GPUs) / (N x samples/s on one).
+summed over all ranks; `data_fraction` is the share of each step spent waiting for scenes (rendering
+them inline, or for the producer process with `--prefetch N`). The summary gives each run's scaling
+efficiency against the one-GPU run: (samples/s on N GPUs) / (N x samples/s on one).
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ sys.path.insert(0, str(REPO))  # runs as a plain script (and under torchrun) fro
 from backend.device import device_report  # noqa: E402
 from backend.train import LOG, TrainConfig, train  # noqa: E402
 
-COLUMNS = ("ranks", "batch", "inputs", "resolution", "samples_per_s", "tokens_per_s", "data_fraction", "efficiency")
+COLUMNS = (
+    "ranks",
+    "batch",
+    "inputs",
+    "resolution",
+    "prefetch",
+    "samples_per_s",
+    "tokens_per_s",
+    "data_fraction",
+    "efficiency",
+)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -38,6 +50,7 @@ def measure(args: argparse.Namespace) -> dict:
             inputs=(args.inputs, args.inputs),
             resolution=args.resolution,
             pool=args.pool,
+            prefetch=args.prefetch,
             log_every=args.warm,
             eval_every=10**9,
             checkpoint_every=10**9,
@@ -60,6 +73,7 @@ def measure(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "inputs": args.inputs,
         "resolution": args.resolution or "model",
+        "prefetch": args.prefetch,
         "dtype": "bfloat16 autocast" if device is not None else "float32",
         "samples_per_s": round(mean["samples_per_s"], 3),
         "tokens_per_s": round(mean["tokens_per_s"], 1),
@@ -91,6 +105,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=12, help="input views per object")
     parser.add_argument("--resolution", type=int, default=0, help="view size (0: the model's image size)")
     parser.add_argument("--pool", type=int, default=8)
+    parser.add_argument("--prefetch", type=int, default=0, help="scenes a producer process renders ahead (0: inline)")
     parser.add_argument("--warm", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gradient-checkpointing", action="store_true")

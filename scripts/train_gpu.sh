@@ -9,6 +9,9 @@
 #   scripts/train_gpu.sh colour [CHECKPOINT]  # ~1 min: does the model see colour? (bench/colour_response.py on
 #                                           # $OUT/stage1/model.safetensors by default; `train` runs it at the end)
 #
+# PREFETCH=N (default 0) renders the scene pool's next N objects in a background process per GPU
+# (`train --prefetch`, docs/TRAINING.md); the scaling files then end in _prefetchN.
+#
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
 # optimizer state, log.jsonl, eval/*.png). Rerunning `train` with the same $OUT resumes the run.
 # Wheels in .whl/ (safetensors, pillow, openexr, ...) are installed first when present.
@@ -18,6 +21,7 @@ OUT=${OUT:-out/gpu}
 MODE=${1:-train}
 SECONDS_LIMIT=${2:-540}
 INIT=${3:-}
+PREFETCH=${PREFETCH:-0}
 if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil" 2>/dev/null; then
     python -m pip install --quiet --no-index --no-deps .whl/*.whl
 fi
@@ -31,7 +35,8 @@ launch() {  # launch NPROC ARGS...: one process per GPU through torchrun
 # Recipe: `small`, 8-12 input views at 256 px, 4 targets, 1024 rays per target set, the loss weights of
 # TrainConfig (colour fix, docs/TRAINING.md); a checkpoint every 250 steps (about 3 minutes on 3 H200s).
 RECIPE=(--model small --batch 4 --inputs 8 12 --targets 4 --rays 1024 --pool 16 --refresh-every 3
-        --lr 4e-4 --warmup 100 --normal-steps 150 --checkpoint-every 250 --eval-every 250 --log-every 10)
+        --lr 4e-4 --warmup 100 --normal-steps 150 --checkpoint-every 250 --eval-every 250 --log-every 10
+        --prefetch "$PREFETCH")
 # Furniture joins (half the objects) when packed archives were carried to .gpu/furniture
 # (`python scripts/pack_furniture.py --out .gpu/furniture --megabytes 6`) or the Debian package is installed.
 if ls .gpu/furniture/*.sh3f >/dev/null 2>&1; then
@@ -43,14 +48,15 @@ fi
 case "$MODE" in
 scaling)
     runs=()
+    suffix=$([ "$PREFETCH" -gt 0 ] && echo "_prefetch$PREFETCH" || true)
     for n in 1 2 4 8; do
         if [ "$n" -le "$GPUS" ]; then
             launch "$n" bench/train_throughput.py --model small --batch 4 --inputs 12 --warm 8 --steps 16 \
-                --out "$OUT/bench/train_${n}gpu.json"
-            runs+=("$OUT/bench/train_${n}gpu.json")
+                --prefetch "$PREFETCH" --out "$OUT/bench/train_${n}gpu$suffix.json"
+            runs+=("$OUT/bench/train_${n}gpu$suffix.json")
         fi
     done
-    python bench/train_throughput.py --summarise "${runs[@]}" --out "$OUT/bench/train_scaling.json"
+    python bench/train_throughput.py --summarise "${runs[@]}" --out "$OUT/bench/train_scaling$suffix.json"
     ;;
 train)
     if [ -n "$INIT" ]; then  # (a resumed run ignores --init and keeps its own weights)

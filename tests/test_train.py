@@ -90,9 +90,10 @@ def test_scene_pool_rebuilds_the_same_slots_at_any_step() -> None:
     pool = ScenePool(lambda seed: made.append(seed) or seed, size=3, every=2, base=100)
     assert pool.at_step(0) == [100, 101, 102]
     assert pool.at_step(5) == [103, 104, 102]  # steps 0-4 re-made two slots (at steps 2 and 4)
-    fresh = ScenePool(lambda seed: seed, size=3, every=2, base=100)
+    fresh = ScenePool(lambda seed: made.append(seed) or seed, size=3, every=2, base=100)
     assert fresh.at_step(5) == pool.slots
-    assert made == [100, 101, 102, 103, 104]
+    assert made == [100, 101, 102, 103, 104, 102, 103, 104]  # a fresh pool is made lowest seed first
+    assert fresh.first_seed(5) == 102 and fresh.first_seed(6) == 103  # what a producer renders next
 
 
 def test_folder_dataset_loads_bundles_with_their_ground_truth(tmp_path) -> None:

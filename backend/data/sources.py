@@ -9,6 +9,7 @@ the bundle has them) and the environment they were lit by.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,25 @@ def make_source(
             furniture(seed) if seed % 2 else synthetic_viewset(seed, views, resolution, bank, device, options)
         )
     raise InputError(f"unknown data source '{kind}'; use one of {', '.join(SOURCES)}")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """`make_source`'s arguments as plain values, so another process (the scene producer) can build the
+    same source: a closure over a device, a bank and a furniture library does not pickle, this does."""
+
+    kind: str
+    views: int
+    resolution: int
+    device: str
+    environments: tuple[str, ...]
+    folder: Path | None = None
+    furniture_dir: Path | None = None
+
+    def bank(self) -> EnvironmentBank:
+        return EnvironmentBank(self.environments, self.device)
+
+    def build(self, bank: EnvironmentBank) -> Callable[[int], ViewSet]:
+        """seed -> ViewSet, lit by `bank`'s worlds."""
+        device = torch.device(self.device)
+        return make_source(self.kind, self.views, self.resolution, device, bank, self.folder, self.furniture_dir)

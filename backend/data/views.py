@@ -130,9 +130,21 @@ class EnvironmentBank:
 
     def pick(self, rng: np.random.Generator) -> Environment:
         """A random world under a random rotation about Z."""
-        chosen = copy.copy(self.load(self.names[int(rng.integers(len(self.names)))]))
-        chosen.rotation_z = float(rng.uniform(0.0, 2.0 * math.pi))
+        name = self.names[int(rng.integers(len(self.names)))]
+        return self.rotated(name, float(rng.uniform(0.0, 2.0 * math.pi)))
+
+    def rotated(self, name: str, rotation_z: float) -> Environment:
+        """World `name` turned by `rotation_z` radians (a copy sharing the loaded image and tables)."""
+        chosen = copy.copy(self.load(name))
+        chosen.rotation_z = rotation_z
         return chosen
+
+    def name_of(self, environment: Environment) -> str:
+        """Which of this bank's worlds `environment` is a rotated copy of."""
+        for name in self.names:
+            if self.load(name).image is environment.image:
+                return name
+        raise ValueError("the environment is none of this bank's worlds")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -188,16 +200,21 @@ class ScenePool:
         made = step // self.every  # slots re-made before this step
         return made // self.size + (1 if slot < made % self.size else 0)
 
+    def seed(self, slot: int, step: int) -> int:
+        return self.base + self.generation(slot, step) * self.size + slot
+
+    def first_seed(self, step: int) -> int:
+        """The lowest seed in the pool at `step`: the pool holds it and the next `size - 1` seeds, and each
+        later refresh makes the next seed up, so a producer can render them ahead in that order."""
+        return self.base + step // self.every
+
     def at_step(self, step: int) -> list[ViewSet]:
-        """The pool as it is at `step` (building or replacing only the slots that differ)."""
-        for slot in range(self.size):
+        """The pool as it is at `step` (making only the slots that differ, lowest seed first)."""
+        if not self.slots:
+            self.slots, self.generations = [None] * self.size, [-1] * self.size  # type: ignore[list-item]
+        for slot in sorted(range(self.size), key=lambda s: self.seed(s, step)):
             generation = self.generation(slot, step)
-            if slot < len(self.slots) and self.generations[slot] == generation:
-                continue
-            viewset = self.make(self.base + generation * self.size + slot)
-            if slot < len(self.slots):
-                self.slots[slot], self.generations[slot] = viewset, generation
-            else:
-                self.slots.append(viewset)
-                self.generations.append(generation)
+            if self.generations[slot] != generation:
+                self.slots[slot] = self.make(self.seed(slot, step))
+                self.generations[slot] = generation
         return self.slots
