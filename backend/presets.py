@@ -15,8 +15,10 @@ from .errors import InputError
 from .refine import LossWeights, RefineConfig
 
 # The GPU presets also fit the mesh's own silhouette (docs/REFINEMENT.md: +2.2 dB PSNR-L and half the Chamfer on
-# the fire extinguisher at weight 0.1); the tiny CPU budgets overgrow with it, so `cpu` keeps it off.
-GPU_WEIGHTS = LossWeights(silhouette=0.1)
+# the fire extinguisher at weight 0.1); the tiny CPU budgets overgrow with it, so `cpu` keeps it off. They keep
+# nearby materials alike five times as strongly as the default: on the dev set, standard's refinement relit
+# 0.55 dB better with it (docs/REFINEMENT.md 3c).
+GPU_WEIGHTS = LossWeights(silhouette=0.1, material=0.05)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,20 @@ class Preset:
     budget: str  # one line: what the preset spends and how long it should take
     engine: str = "both"  # the engine when a checkpoint is given (without one: "refine")
 
+
+# What every GPU preset shares: those weights, separate shape channels, steps replayed from CUDA graphs.
+GPU_REFINE = RefineConfig(weights=GPU_WEIGHTS, geometry_channels=8, cuda_graphs=True)
+STANDARD_REFINE = replace(
+    GPU_REFINE,
+    channels=16,
+    dense_resolution=64,
+    sparse_resolution=192,
+    coarse_steps=800,
+    fine_steps=800,
+    rays_per_batch=4096,
+    samples=48,
+    importance_samples=32,
+)
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
@@ -60,9 +76,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "fast": Preset(
         name="fast",
-        refine=RefineConfig(
-            weights=GPU_WEIGHTS,
-            geometry_channels=8,
+        refine=replace(
+            GPU_REFINE,
             dense_resolution=48,
             sparse_resolution=128,
             coarse_steps=300,
@@ -74,56 +89,30 @@ PRESETS: dict[str, Preset] = {
         target_faces=30_000,
         engine="feedforward",
         budget="without a checkpoint the shortest refinement: 150+300+200 steps of 2048 rays, grids 48^3 + "
-        "128^3 sparse, 1024 px textures, 30k faces; measured 19-29 s (mean 22 s) per object, 16 views of 512^2, "
-        "on one H200 (bench/devset_reconstruct.py; 7-8 s with cuda_graphs); target 15 s",
+        "128^3 sparse, replayed from CUDA graphs, 1024 px textures, 30k faces; measured 8-16 s (mean 10 s) per "
+        "object, 16 views of 512^2, on one H200 (bench/devset_reconstruct.py; the first object of a process pays "
+        "the warm-up); target 15 s",
     ),
     "standard": Preset(
         name="standard",
-        refine=RefineConfig(
-            weights=GPU_WEIGHTS,
-            channels=16,
-            geometry_channels=8,
-            dense_resolution=64,
-            sparse_resolution=192,
-            coarse_steps=800,
-            fine_steps=800,
-            rays_per_batch=4096,
-            samples=48,
-            importance_samples=32,
-        ),
+        refine=STANDARD_REFINE,
         resolution=256,
         texture_size=2048,
         target_faces=100_000,
-        budget="refinement 150+800+800 steps of 4096 rays, grids 64^3 + 192^3 sparse, 2048 px textures, "
-        "100k faces; measured 59-91 s (mean 71 s) per object, 16 views of 512^2, on one H200 "
-        "(bench/devset_reconstruct.py; 30-31 s with cuda_graphs); target at most 60 s",
+        budget="refinement 150+800+800 steps of 4096 rays, grids 64^3 + 192^3 sparse, replayed from CUDA graphs, "
+        "2048 px textures, 100k faces; measured 32-43 s (mean 36 s) per object, 16 views of 512^2, on one H200 "
+        "(bench/devset_reconstruct.py); target at most 60 s",
     ),
     "high": Preset(
         name="high",
-        refine=RefineConfig(
-            weights=GPU_WEIGHTS,
-            channels=32,
-            geometry_channels=16,
-            dense_resolution=48,
-            sparse_resolution=128,
-            hull_resolution=96,
-            prefit_steps=300,
-            coarse_steps=1000,
-            fine_steps=1700,
-            rays_per_batch=8192,
-            samples=48,
-            importance_samples=32,
-            environment_height=16,
-        ),
+        # standard's refinement: more steps, rays or channels relit worse on the dev set (docs/REFINEMENT.md 3c)
+        refine=STANDARD_REFINE,
         resolution=384,
         texture_size=4096,
         target_faces=250_000,
-        # standard's samples per ray on twice the rays, 1.5x the steps, twice the channels, on fast's grids: with a
-        # 256^3 sparse grid the mesh overgrew the masks threefold on the barrel (docs/REFINEMENT.md)
-        budget="refinement 300+1000+1700 steps of 8192 rays, grids 48^3 + 128^3 sparse, 4096 px textures, "
-        "250k faces; measured 141 s on the barrel, 16 views of 512^2, on one H200 (bench/refine_quality.py; 114-119 s "
-        "on the barrel and teddy bear with cuda_graphs); "
-        "with 256^3 grids 132-149 s per object and below standard on the dev set (docs/REFINEMENT.md)",
+        budget="standard's refinement exported finer: 384^3 marching cubes, 4096 px textures, 250k faces; "
+        "measured 38-58 s (mean 45 s) per object, 16 views of 512^2, on one H200 (bench/devset_reconstruct.py); "
+        "longer, denser or wider refinements relit worse (docs/REFINEMENT.md 3c)",
     ),
 }
 

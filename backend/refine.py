@@ -133,7 +133,7 @@ class RefineConfig:
     # the count and checks the parameters every `check_every` steps only (each read is a device sync).
     check_every: int = 50
     # Record each image stage's step once as a CUDA graph and replay it (CUDA with known lighting only): 2.4x faster
-    # on an H200; off until the barrel's GPU runs show the gradient bound keeps it from collapsing (REFINEMENT.md 3b).
+    # on an H200. On in the GPU presets; with the gradient bound the barrel no longer collapses (REFINEMENT.md 3b).
     cuda_graphs: bool = False
     max_skipped_fraction: float = 0.1  # more skipped steps than this share of a stage is a divergence
     max_gradient_norm: float = 1.0  # a step's gradients are scaled down to this total norm (usual: 0.05-0.5)
