@@ -2,8 +2,8 @@
 
 With a checkpoint, `fast` is the feed-forward model alone and the others refine its field; without
 one (none ships yet) every preset runs the refinement engine from the visual hull and `fast` is
-simply the shortest refinement. Each preset states its budget; the reference-GPU times
-are targets until `bench/` measures them.
+simply the shortest refinement. Each preset states its budget and its time per object on one H200 as
+`bench/devset_reconstruct.py` measured it.
 """
 
 from __future__ import annotations
