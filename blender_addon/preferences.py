@@ -12,9 +12,9 @@ PRESETS = ("cpu", "fast", "standard", "high")  # the backend's presets (`python 
 PRESET_ITEMS = [
     ("SERVICE", "Backend's default", "standard on a GPU, cpu without one"),
     ("cpu", "CPU", "a small reconstruction that finishes in minutes on a CPU"),
-    ("fast", "Fast", "feed-forward only with a model; else the shortest refinement"),
-    ("standard", "Standard", "feed-forward and a short refinement"),
-    ("high", "High", "a longer refinement and larger textures"),
+    ("fast", "Fast", "feed-forward only with a model; else the shortest refinement (about 10 s on a GPU)"),
+    ("standard", "Standard", "feed-forward and a refinement (about 40 s on a GPU)"),
+    ("high", "High", "standard's refinement with a finer mesh and 4K textures"),
 ]
 
 
