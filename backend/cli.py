@@ -316,7 +316,7 @@ def _add_train(command) -> None:
         type=int,
         default=d.prefetch,
         help="pool objects a background process renders ahead (e.g. 3 on a GPU); 0 (default): inline, as on a "
-        "CPU, where the producer would only take cores from training (the GPU gain is not measured yet)",
+        "CPU, where the producer would only take cores from training (on one busy H200, 1.6x the samples/s)",
     )
     train.add_argument("--depth-weight", type=float, default=d.depth_weight, help="depth loss weight")
     train.add_argument("--material-weight", type=float, default=d.material_weight, help="material loss weight")

@@ -84,7 +84,8 @@ class TrainConfig:
     pool: int = 16  # rendered objects kept per device
     refresh_every: int = 2  # re-render one pool object every this many steps
     # Scenes a producer process renders ahead (data/prefetch.py); 0 renders them inline. Inline by default:
-    # on a CPU the producer only takes cores from training, and the GPU gain is not measured yet.
+    # on a CPU the producer only takes cores from training; on a GPU it gave 1.6x on a busy host (docs/TRAINING.md),
+    # not yet compared on an idle one.
     prefetch: int = 0
     depth_weight: float = 0.1  # run 1 used 0.5: its gradient then outweighed colour's 100 to 1 (docs/TRAINING.md)
     material_weight: float = 2.0
