@@ -484,8 +484,8 @@ def test_real_cpu_preset_reconstruction_through_the_plain_command(tmp_path):
     assert ((world.max(0) - world.min(0)) > 0.5 * (aabb[1] - aabb[0])).all()
 
 
-RSS_WARMUP_JOBS, RSS_JOBS, RSS_WINDOW = 5, 20, 3
-RSS_BOUND_MIB = 24.0  # floor growth allowed over 15 jobs (1.6 MiB per job); measured: 0 to 8 MiB
+RSS_WARMUP_JOBS, RSS_JOBS, RSS_WINDOW = 5, 20, 5
+RSS_BOUND_MIB = 24.0  # level growth allowed over 10 jobs (2.4 MiB per job); measured: 0 to 8 MiB
 
 
 @pytest.mark.slow
@@ -502,10 +502,11 @@ def test_twenty_jobs_in_a_row_keep_memory_flat(tmp_path, bundle, archive):
                 samples.append(service.rss())
     finally:
         service.stop()
-    # A leak lifts the floor; a sample caught while a thread still holds its buffers is a spike (seen: +77 MiB
-    # once, back to the floor on the next job). So compare the lowest samples of the warm-up's end and the run's end.
-    before = min(samples[RSS_WARMUP_JOBS - RSS_WINDOW : RSS_WARMUP_JOBS])
-    growth = (min(samples[-RSS_WINDOW:]) - before) / 2**20
+    # A leak lifts every sample. Single samples stray both ways: up while a thread still holds its buffers (seen:
+    # +77 MiB once), down when the allocator hands a whole arena back (seen: -24 MiB, once in five jobs). So compare
+    # the medians of the first window after the warm-up and of the last window.
+    before = float(np.median(samples[RSS_WARMUP_JOBS : RSS_WARMUP_JOBS + RSS_WINDOW]))
+    growth = (float(np.median(samples[-RSS_WINDOW:])) - before) / 2**20
     print("RSS after each job (MiB):", [round(sample / 2**20) for sample in samples])
     assert growth < RSS_BOUND_MIB, [round(sample / 2**20) for sample in samples]
     assert job_folders(service) == set()
