@@ -335,6 +335,13 @@ def _add_train(command) -> None:
     train.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
     train.add_argument("--seed", type=int, default=d.seed, help="run seed (default 0)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    train.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=d.sequence_parallel,
+        metavar="N",
+        help="stage 2: groups of N ranks share each batch and split its sparse tokens by whole blocks (default 1)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

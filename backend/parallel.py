@@ -15,9 +15,10 @@ are split over the ranks of a process group so that:
   reduce-scatter of their gradients.
 
 Every rank of the group holds the same `SparseLayout` (integer metadata and the routing, computed from
-the same batch); only the token features are split. Each rank's parameter gradients are its share of
-the whole: add them over the group (`sum_gradients`) before the optimiser step. The collectives work
-on any process group (NCCL on GPUs, gloo on the CPU).
+the same batch; `broadcast_rows` makes its inputs agree to the bit); only the token features are split.
+Each rank's parameter gradients are its share of the whole: add them over the group (`sum_gradients`)
+before the optimiser step. The collectives work on any process group (NCCL on GPUs, gloo on the CPU).
+Training (`train --sequence-parallel N`) runs stage 2 this way through `LSRM.forward(..., group)`.
 """
 
 from __future__ import annotations
@@ -191,6 +192,42 @@ def sum_gradients(parameters: Iterable[nn.Parameter], group: dist.ProcessGroup |
     dist.all_reduce(flat, group=group)
     for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
         grad.copy_(summed.view_as(grad))
+
+
+def sequence_group(size: int) -> dist.ProcessGroup | None:
+    """This rank's group of `size` consecutive ranks (ranks 0..size-1, size..2*size-1, ...), or None for size 1.
+
+    Every rank creates every group (torch.distributed needs that), in the same order."""
+    if size == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"{world} ranks do not split into sequence-parallel groups of {size}")
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world, size)]
+    return groups[rank // size]
+
+
+def broadcast_rows(
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None, device: torch.device
+) -> list[torch.Tensor]:
+    """The group's first rank's tensors, on every rank of the group; any may differ in its first dimension.
+
+    What decides the layout (informative voxels, patches, their points) is computed by every rank of a group from
+    the same batch, but two GPUs may round it differently, and one voxel more on one rank would mismatch the
+    collectives. So the first rank's copy is the one all use. `device` carries them (CUDA under NCCL); each comes
+    back on the device it was on."""
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    first = dist.get_rank(group) == 0
+    lengths = torch.tensor([len(t) for t in tensors], device=device)
+    dist.broadcast(lengths, source, group=group)
+    agreed = []
+    for tensor, length in zip(tensors, lengths.tolist(), strict=True):
+        shape = (length, *tensor.shape[1:])
+        buffer = tensor.to(device).contiguous() if first else tensor.new_empty(shape, device=device)
+        if buffer.numel():
+            dist.broadcast(buffer, source, group=group)
+        agreed.append(buffer.to(tensor.device))
+    return agreed
 
 
 def _counts(bounds: Sequence[int]) -> list[int]:

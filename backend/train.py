@@ -8,7 +8,7 @@ renders it through the targets' rays with the one renderer (`model.losses.view_l
 depth, eikonal, material maps and a known SDF where the data has them, and the numerical normal loss
 over the last steps.
 
-Runs are deterministic per rank and step (the random state is re-seeded from (seed, rank, step)), so
+Runs are deterministic per rank and step (the random state is re-seeded from (seed, data rank, step)), so
 a run resumed from its folder continues exactly as it would have: `model.safetensors` (weights and
 config), `optimizer.safetensors` (AdamW state without pickle) and `state.json` (step, schedule,
 settings) are written together every `checkpoint_every` steps, at the time limit and on SIGTERM.
@@ -44,6 +44,7 @@ from .model.checkpoint import load_checkpoint, load_optimizer, read_metadata, sa
 from .model.config import CONFIGS
 from .model.losses import LossConfig, view_loss
 from .model.lsrm import LSRM
+from .parallel import sequence_group
 from .progress import Progress, TerminalProgress, no_progress
 from .render import RenderOptions, render_views
 from .shading import BUILTIN_ENVIRONMENTS
@@ -99,6 +100,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     gradient_checkpointing: bool = False
+    # Stage 2 over groups of this many ranks (block-aware sequence parallelism, backend/parallel.py): the ranks of a
+    # group train on the same objects, each computing its share of the long sparse sequence.
+    sequence_parallel: int = 1
     device: str = "auto"
 
     def check(self) -> None:
@@ -127,6 +131,10 @@ class TrainConfig:
             raise InputError(f"--guide '{self.guide}' is unknown; use model or truth")
         if self.lr <= 0 or self.rays < 1 or self.refresh_every < 1 or self.resolution < 0:
             raise InputError("--lr, --rays and --refresh-every must be positive and --resolution not negative")
+        if self.sequence_parallel < 1 or (self.sequence_parallel > 1 and self.stage != 2):
+            raise InputError(
+                f"--sequence-parallel {self.sequence_parallel}: give 1, or more with --stage 2 (stage 1 is dense)"
+            )
         if self.prefetch < 0 or (self.prefetch and self.data == "folder"):
             raise InputError(
                 "--prefetch must be 0 or more, and 0 with --data folder (its views are loaded, not rendered)"
@@ -148,15 +156,27 @@ class Process:
     rank: int
     world: int
     device: torch.device
+    sequence_parallel: int = 1  # ranks per group that share one batch
+    group: dist.ProcessGroup | None = None  # this rank's sequence-parallel group (None: size 1)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_rank(self) -> int:
+        """Which batches this rank draws: the ranks of one sequence-parallel group draw the same."""
+        return self.rank // self.sequence_parallel
 
-def start_process(choice: str) -> Process:
+
+def start_process(choice: str, sequence_parallel: int = 1) -> Process:
     """This process's rank and device; joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % sequence_parallel:
+        raise InputError(
+            f"--sequence-parallel {sequence_parallel} needs a multiple of {sequence_parallel} ranks (torchrun "
+            f"--nproc_per_node), not {world}"
+        )
     if world == 1:
         return Process(0, 1, pick_device(choice))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -166,7 +186,7 @@ def start_process(choice: str) -> Process:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Process(rank, world, device)
+    return Process(rank, world, device, sequence_parallel, sequence_group(sequence_parallel))
 
 
 def _all_reduce(values: torch.Tensor, process: Process, op=None) -> torch.Tensor:
@@ -240,12 +260,13 @@ def batch_loss(
     losses: LossConfig,
     guide: str,
     generator: torch.Generator,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, int]]:
-    """Mean loss over the batch's objects, the mean of each term, and the token counts."""
+    """Mean loss over the batch's objects, the mean of each term, and the token counts (group: `LSRM.forward`)."""
     device = batch.views.images.device
     guides = [t.truth for t in batch.targets] if stage == 2 and guide == "truth" else None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        prediction = forward(batch.views, stages=stage, guide=guides)
+        prediction = forward(batch.views, stages=stage, guide=guides, group=group)
     totals, terms_sum = [], {}
     for field, target in zip(prediction.fields, batch.targets, strict=True):
         terms = target_loss(field, target, losses, generator)
@@ -332,7 +353,7 @@ class Evaluation:
 def train(config: TrainConfig, progress: Progress | None = None) -> dict:
     """Train (or resume) into config.out; returns the last logged record."""
     config.check()
-    process = start_process(config.device)
+    process = start_process(config.device, config.sequence_parallel)
     out = Path(config.out)
     progress = progress or (TerminalProgress() if process.main else no_progress)
     started = time.perf_counter()
@@ -392,7 +413,7 @@ def _train(
     )
     bank = spec.bank()
     pool = ScenePool(
-        spec.build(bank), config.pool, config.refresh_every, FIRST_TRAINING_SEED + process.rank * 10_000_000
+        spec.build(bank), config.pool, config.refresh_every, FIRST_TRAINING_SEED + process.data_rank * 10_000_000
     )
     if config.prefetch and device.type not in ("cuda", "cpu"):
         raise InputError(f"--prefetch shares tensors between processes on CUDA or the CPU, not {device.type}; use 0")
@@ -414,7 +435,7 @@ def _train(
     step_times: list[float] = []
     while total == 0 or step < total:
         clock = time.perf_counter()
-        seed = step_seed(config.seed, process.rank, step)
+        seed = step_seed(config.seed, process.data_rank, step)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         viewsets = pool.at_step(step)
@@ -427,7 +448,9 @@ def _train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = loss_config(config, step, total or 10**9)
-        loss, terms, counts = batch_loss(model, forward, batch, config.stage, losses, config.guide, generator)
+        loss, terms, counts = batch_loss(
+            model, forward, batch, config.stage, losses, config.guide, generator, process.group
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], config.clip))
@@ -483,7 +506,7 @@ def _fit_steps(step_times: list[float], config: TrainConfig, process: Process, s
 
 def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window, started) -> dict:
     measured = torch.tensor([window["samples"], window["tokens"]], dtype=torch.float64, device=process.device)
-    samples, tokens = _all_reduce(measured, process).tolist()
+    samples, tokens = (_all_reduce(measured, process) / process.sequence_parallel).tolist()  # a group's batch once
     seconds = max(window["seconds"], 1e-9)
     record = {
         "step": step,
@@ -495,6 +518,7 @@ def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window,
         "tokens_per_s": round(tokens / seconds, 1),
         "data_fraction": round(window["data"] / seconds, 3),
         "ranks": process.world,
+        "sequence_parallel": process.sequence_parallel,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     if process.device.type == "cuda":

@@ -11,6 +11,7 @@
 #
 # PREFETCH=N (default 0) renders the scene pool's next N objects in a background process per GPU
 # (`train --prefetch`, docs/TRAINING.md); the scaling files then end in _prefetchN.
+# SP=N (default 1): `stage2` runs sequence-parallel over groups of N GPUs that share each batch.
 #
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
 # optimizer state, log.jsonl, eval/*.png). Rerunning `train` with the same $OUT resumes the run.
@@ -22,6 +23,7 @@ MODE=${1:-train}
 SECONDS_LIMIT=${2:-540}
 INIT=${3:-}
 PREFETCH=${PREFETCH:-0}
+SP=${SP:-1}
 if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil" 2>/dev/null; then
     python -m pip install --quiet --no-index --no-deps .whl/*.whl
 fi
@@ -71,7 +73,8 @@ colour)
     ;;
 stage2)
     launch "$GPUS" -m backend train --out "$OUT/stage2" --stage 2 --init "$OUT/stage1/model.safetensors" \
-        --steps 0 --time-limit "$SECONDS_LIMIT" --guide truth "${RECIPE[@]}" --warmup 20 --lr 2e-4
+        --steps 0 --time-limit "$SECONDS_LIMIT" --guide truth "${RECIPE[@]}" --warmup 20 --lr 2e-4 \
+        --sequence-parallel "$SP"
     ;;
 *)
     echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] [INIT] | stage2 [SECONDS] | colour [CHECKPOINT]" >&2

@@ -119,6 +119,8 @@ def test_folder_dataset_loads_bundles_with_their_ground_truth(tmp_path) -> None:
         (["--data", "folder"], "--data-dir"),
         (["--environments", "moon"], "unknown environments"),
         (["--init", "missing.safetensors", "--stage", "2"], "does not exist"),
+        (["--sequence-parallel", "2"], "stage 1 is dense"),
+        (["--sequence-parallel", "0"], "give 1, or more"),
     ],
 )
 def test_bad_arguments_give_one_sentence(tmp_path, capsys, arguments: list[str], message: str) -> None:
@@ -146,6 +148,49 @@ def test_ddp_with_two_gloo_processes(tmp_path) -> None:
     assert [r["step"] for r in steps] == [1, 2] and all(r["ranks"] == 2 for r in steps)
     assert any("eval_psnr" in r for r in log) and (tmp_path / "run" / "eval" / "step_000002.png").is_file()
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
+
+
+def test_a_single_process_refuses_a_sequence_parallel_group(tmp_path, capsys) -> None:
+    save_checkpoint(LSRM(CONFIGS["tiny"]), tmp_path / "stage1.safetensors")
+    stage2 = ["--stage", "2", "--init", str(tmp_path / "stage1.safetensors"), "--sequence-parallel", "2"]
+    assert run_train(tmp_path / "run", *stage2) == 2
+    assert "needs a multiple of 2 ranks" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_sequence_parallel_stage_two_trains_like_one_process(tmp_path) -> None:
+    """Stage 2 (known geometry picks the tokens) for 3 steps: one process, and torchrun with one group of two gloo
+    ranks, each computing half of the sparse sequence. The same data, so the same weights up to float rounding."""
+    model = LSRM(CONFIGS["tiny"])
+    save_checkpoint(model, tmp_path / "stage1.safetensors")
+    stage2 = ["--stage", "2", "--init", str(tmp_path / "stage1.safetensors"), "--guide", "truth", "--steps", "3"]
+    stage2 += ["--batch", "2", "--pool", "2", "--warmup", "1", "--eval-every", "0", "--log-every", "1"]
+    assert run_train(tmp_path / "one", *stage2) == 0
+
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "backend", "train", "--out", str(tmp_path / "group"), *TINY_RUN.split(), *stage2]
+    command += ["--sequence-parallel", "2"]
+    subprocess.run(command, cwd=REPO, env=environment, check=True, capture_output=True, timeout=600)
+
+    log = [json.loads(line) for line in (tmp_path / "group" / "log.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [(r["ranks"], r["sequence_parallel"]) for r in log] == [(2, 2)] * 3
+    for mine, reference in zip(log, single, strict=True):
+        # Adam hides a gradient's scale, the logged norm (before clipping) does not.
+        assert mine["loss_total"] == pytest.approx(reference["loss_total"], rel=1e-4)
+        assert mine["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-3)
+
+    start = load_file(tmp_path / "stage1.safetensors")
+    one, group = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "group" / "model.safetensors")
+    moved = [k for k in one if k.startswith("sparse.") and not torch.equal(one[k], start.get(k, one[k]))]
+    assert len(moved) > 10  # stage 2 trained (its residual starts at zero, so the first step moves only the output)
+    for key in one:
+        update = one[key].float() - start[key].float() if key in start else one[key].float()
+        difference = (group[key].float() - one[key].float()).abs().max()
+        # (the absolute term: a few biases get no gradient but float noise, and Adam turns that into 1e-9 steps)
+        assert difference <= 1e-3 * update.abs().max() + 1e-7, f"{key}: {difference} against {update.abs().max()}"
 
 
 def test_furniture_becomes_a_grid_field_with_an_inside() -> None:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cameras import Cameras, image_rays, plucker, project
 from ..colour import linear_to_srgb
 from ..field import COLOUR_CHANNELS, FieldDecoder, GridField, SurfaceField, read_dense, voxel_centres
+from ..parallel import SequenceShard, broadcast_rows
 from ..progress import Progress, no_progress
 from .attention import DenseBlock
 from .config import ModelConfig
@@ -202,12 +204,17 @@ class LSRM(nn.Module):
         stages: int = 2,
         progress: Progress = no_progress,
         guide: list[SurfaceField] | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> Prediction:
         """Reconstruct each object of the batch. stages=1 runs the dense transformer only.
 
         guide: per object, the geometry that picks stage 2's tokens and places image tokens in 3D; by
         default the stage-1 field (LSRM §3.3). Known geometry can stand in, e.g. to train or benchmark
         stage 2 while stage 1 is untrained.
+        group: a sequence-parallel group whose ranks all hold this batch (`backend.parallel`): each computes
+        stage 2's blocks for its own whole spatial blocks and the output is whole on every rank. The gradient of
+        one loss, summed over the group, is then `group size` times the single-process one (DDP's mean over
+        all ranks gives the mean over the groups' batches).
         """
         config = self.config
         with section("tokenise"):
@@ -248,6 +255,9 @@ class LSRM(nn.Module):
             ]
             patches = [foreground_patches(high.masks[b], p).nonzero() for b in range(batch)]
             points = [patch_points(guide[b], high.cameras[b], patches[b], p) for b in range(batch)]
+            if group is not None:  # the whole group builds the first rank's layout
+                agreed = broadcast_rows([*voxels, *patches, *points], group, device)
+                voxels, patches, points = agreed[:batch], agreed[batch : 2 * batch], agreed[2 * batch :]
         if sum(map(len, voxels)) == 0 or sum(map(len, patches)) == 0:
             # No surface near any voxel (an untrained stage 1) or no foreground: the dense field is the answer.
             counts.update({"volume tokens": 0, "image tokens": 0})
@@ -278,10 +288,15 @@ class LSRM(nn.Module):
             x, y, z = layout.volume_voxels.unbind(-1)
             v2 = v_up[volume_object, :, x, y, z] + self.sparse.volume_tokens.at(layout.volume_voxels, r2)
 
+        shard = SequenceShard.of(layout, group) if group is not None else None
+        if shard is not None:  # every rank built all the tokens, so its whole blocks are a slice of them
+            v2, i2 = v2[shard.volume.rows], i2[shard.image.rows]
         for index, block in enumerate(self.sparse.blocks):
             with section(f"stage 2 block {index}"):
-                v2, i2 = self._run(block, v2, i2, layout)
+                v2, i2 = self._run(block, v2, i2, layout, shard)
             progress("stage 2", (index + 1) / len(self.sparse.blocks))
+        if shard is not None:
+            v2 = shard.volume.gather_tokens(v2)
 
         with section("sparse field"):
             residual = self.sparse.unpatchify(self.sparse.norm(v2))  # [Mv, u^3 * C]
