@@ -4,12 +4,18 @@
     torchrun --nproc_per_node 4 bench/train_throughput.py --out out/bench/train_4gpu.json
     python bench/train_throughput.py --summarise out/bench/train_*gpu.json   # scaling table
     python bench/train_throughput.py --prefetch 3 --out out/bench/train_1gpu_prefetch.json  # background renderer
+    torchrun --nproc_per_node 4 bench/train_throughput.py --stage 2 --sequence-parallel 4 --batch 1 \
+        --out out/bench/train_stage2_sp4.json   # stage 2, one object's sparse sequence split over 4 GPUs
 
 Runs the real training loop (synthetic data, the scene pool's re-rendering included) into a
 temporary folder: `--warm` steps are not counted, the next `--steps` are. Samples and tokens are
 summed over all ranks; `data_fraction` is the share of each step spent waiting for scenes (rendering
 them inline, or for the producer process with `--prefetch N`). The summary gives each run's scaling
 efficiency against the one-GPU run: (samples/s on N GPUs) / (N x samples/s on one).
+
+`--stage 2` trains the sparse stage from the fresh model's weights, its tokens picked by the objects' known
+geometry (`--guide truth`: an untrained stage 1 finds no surface); `--sequence-parallel N` splits each object's
+sparse sequence over groups of N ranks (samples of a group count once, so the efficiency compares like with like).
 """
 
 from __future__ import annotations
@@ -25,10 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs as a plain script (and under torchrun) from a checkout
 
 from backend.device import device_report  # noqa: E402
+from backend.model.checkpoint import save_checkpoint  # noqa: E402
+from backend.model.config import CONFIGS  # noqa: E402
+from backend.model.lsrm import LSRM  # noqa: E402
 from backend.train import LOG, TrainConfig, train  # noqa: E402
 
 COLUMNS = (
     "ranks",
+    "stage",
+    "sequence_parallel",
     "batch",
     "inputs",
     "resolution",
@@ -41,10 +52,21 @@ COLUMNS = (
 
 
 def measure(args: argparse.Namespace) -> dict:
+    import torch
+
     with tempfile.TemporaryDirectory() as folder:
+        init = None
+        if args.stage == 2:  # every rank writes the same fresh weights (seeded) to its own folder
+            torch.manual_seed(0)
+            init = Path(folder) / "stage1.safetensors"
+            save_checkpoint(LSRM(CONFIGS[args.model]), init)
         config = TrainConfig(
             out=Path(folder) / "run",
             model=args.model,
+            stage=args.stage,
+            init=init,
+            guide="truth",
+            sequence_parallel=args.sequence_parallel,
             steps=args.warm + args.steps,
             batch=args.batch,
             inputs=(args.inputs, args.inputs),
@@ -57,8 +79,6 @@ def measure(args: argparse.Namespace) -> dict:
             gradient_checkpointing=args.gradient_checkpointing,
             device=args.device,
         )
-        import torch
-
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
         train(config, progress=lambda stage, fraction: None)
         log = Path(folder) / "run" / LOG
@@ -74,6 +94,8 @@ def measure(args: argparse.Namespace) -> dict:
         "inputs": args.inputs,
         "resolution": args.resolution or "model",
         "prefetch": args.prefetch,
+        "stage": args.stage,
+        "sequence_parallel": args.sequence_parallel,
         "dtype": "bfloat16 autocast" if device is not None else "float32",
         "samples_per_s": round(mean["samples_per_s"], 3),
         "tokens_per_s": round(mean["tokens_per_s"], 1),
@@ -109,6 +131,8 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1, help="2: the sparse stage (known geometry)")
+    parser.add_argument("--sequence-parallel", type=int, default=1, help="stage 2: ranks per group sharing a batch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("out/bench/train_throughput.json"))
     parser.add_argument("--summarise", type=Path, nargs="+", default=None, help="JSON files of runs to compare")

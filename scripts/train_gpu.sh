@@ -2,6 +2,7 @@
 # The GPU launcher for issue 5's training, run as-is from the repository root on a CUDA machine:
 #
 #   scripts/train_gpu.sh scaling            # ~3 min: training throughput on 1, 2, 4 (... all) GPUs
+#   scripts/train_gpu.sh sp-scaling         # stage 2, one object per step, its sequence split over 1, 2, 4 GPUs
 #   scripts/train_gpu.sh train [SECONDS] [INIT]  # stage 1 of `small` on the visible GPUs, stopping (saved)
 #                                           # within SECONDS, starting from the weights INIT when given
 #                                           # (e.g. out/checkpoints/lsrm_small_step1516.safetensors)
@@ -60,6 +61,17 @@ scaling)
     done
     python bench/train_throughput.py --summarise "${runs[@]}" --out "$OUT/bench/train_scaling$suffix.json"
     ;;
+sp-scaling)
+    runs=()
+    for n in 1 2 4 8; do
+        if [ "$n" -le "$GPUS" ]; then
+            launch "$n" bench/train_throughput.py --model small --stage 2 --sequence-parallel "$n" --batch 1 \
+                --inputs 12 --warm 8 --steps 16 --prefetch "$PREFETCH" --out "$OUT/bench/train_stage2_sp$n.json"
+            runs+=("$OUT/bench/train_stage2_sp$n.json")
+        fi
+    done
+    python bench/train_throughput.py --summarise "${runs[@]}" --out "$OUT/bench/train_stage2_sp_scaling.json"
+    ;;
 train)
     if [ -n "$INIT" ]; then  # (a resumed run ignores --init and keeps its own weights)
         RECIPE+=(--init "$INIT" --warmup 30)  # continuing trained weights: a short warm-up of the new optimizer
@@ -77,7 +89,7 @@ stage2)
         --sequence-parallel "$SP"
     ;;
 *)
-    echo "usage: scripts/train_gpu.sh scaling | train [SECONDS] [INIT] | stage2 [SECONDS] | colour [CHECKPOINT]" >&2
+    echo "usage: scripts/train_gpu.sh scaling | sp-scaling | train [SECONDS] [INIT] | stage2 [SECONDS] | colour [CHECKPOINT]" >&2
     exit 2
     ;;
 esac
