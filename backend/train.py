@@ -469,7 +469,7 @@ def _train(
         if total == 0 and len(step_times) == CALIBRATION_STEPS[1]:
             total = _fit_steps(step_times, config, process, started)
         if step % config.log_every == 0 or step == total:
-            record = _log(out, process, step, total, lr, grad_norm, terms, window, started)
+            record = _log(out, process, step, total, lr, grad_norm, terms, window, started, counts)
             window = dict.fromkeys(window, 0)
             window["seconds"] = 0.0
         progress(f"train stage {config.stage}", step / total if total else 0.0)
@@ -504,7 +504,7 @@ def _fit_steps(step_times: list[float], config: TrainConfig, process: Process, s
     return max(last + 1, last + int(left / (seconds * 1.05)))
 
 
-def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window, started) -> dict:
+def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window, started, counts) -> dict:
     measured = torch.tensor([window["samples"], window["tokens"]], dtype=torch.float64, device=process.device)
     samples, tokens = (_all_reduce(measured, process) / process.sequence_parallel).tolist()  # a group's batch once
     seconds = max(window["seconds"], 1e-9)
@@ -519,6 +519,7 @@ def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window,
         "data_fraction": round(window["data"] / seconds, 3),
         "ranks": process.world,
         "sequence_parallel": process.sequence_parallel,
+        **_sequence_share(counts),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     if process.device.type == "cuda":
@@ -526,6 +527,14 @@ def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window,
     if process.main:
         _append(out / LOG, record)
     return record
+
+
+def _sequence_share(counts: dict[str, int]) -> dict[str, float]:
+    """Under sequence parallelism, the share of the last step's stage-2 tokens the main rank computed."""
+    if "tokens on this rank" not in counts:
+        return {}
+    total = counts["volume tokens"] + counts["image tokens"]
+    return {"sequence_share": round(counts["tokens on this rank"] / max(total, 1), 3)}
 
 
 def _append(path: Path, record: dict) -> None:

@@ -177,6 +177,8 @@ def test_sequence_parallel_stage_two_trains_like_one_process(tmp_path) -> None:
     log = [json.loads(line) for line in (tmp_path / "group" / "log.jsonl").read_text().splitlines()]
     single = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert [(r["ranks"], r["sequence_parallel"]) for r in log] == [(2, 2)] * 3
+    assert all(0.3 < r["sequence_share"] < 0.7 for r in log), log  # the main rank computed about half the tokens
+    assert all("sequence_share" not in r for r in single)
     for mine, reference in zip(log, single, strict=True):
         # Adam hides a gradient's scale, the logged norm (before clipping) does not.
         assert mine["loss_total"] == pytest.approx(reference["loss_total"], rel=1e-4)

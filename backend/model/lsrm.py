@@ -291,6 +291,7 @@ class LSRM(nn.Module):
         shard = SequenceShard.of(layout, group) if group is not None else None
         if shard is not None:  # every rank built all the tokens, so its whole blocks are a slice of them
             v2, i2 = v2[shard.volume.rows], i2[shard.image.rows]
+            counts["tokens on this rank"] = len(v2) + len(i2)
         for index, block in enumerate(self.sparse.blocks):
             with section(f"stage 2 block {index}"):
                 v2, i2 = self._run(block, v2, i2, layout, shard)
