@@ -498,10 +498,13 @@ def _train(
 def _fit_steps(step_times: list[float], config: TrainConfig, process: Process, started: float) -> int:
     """--steps 0: as many steps as the time limit leaves room for, at the measured speed (all ranks agree)."""
     first, last = CALIBRATION_STEPS
-    seconds = torch.tensor([sum(step_times[first:last]) / (last - first)], device=process.device)
-    seconds = float(_all_reduce(seconds, process, dist.ReduceOp.MAX))
     left = config.time_limit - (time.perf_counter() - started) - 30.0  # evaluation renders and saves
-    return max(last + 1, last + int(left / (seconds * 1.05)))
+    # Each rank's clock started when it did: all take the slowest step and the least time left, or one
+    # would plan a step more than another and wait for it at the last collective forever.
+    step_seconds = sum(step_times[first:last]) / (last - first)
+    measured = torch.tensor([step_seconds, -left], dtype=torch.float64, device=process.device)
+    slowest_step, minus_least_left = _all_reduce(measured, process, dist.ReduceOp.MAX).tolist()
+    return max(last + 1, last + int(-minus_least_left / (slowest_step * 1.05)))
 
 
 def _log(out: Path, process: Process, step, total, lr, grad_norm, terms, window, started, counts) -> dict:

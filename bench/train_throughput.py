@@ -74,7 +74,7 @@ def measure(args: argparse.Namespace) -> dict:
             pool=args.pool,
             prefetch=args.prefetch,
             log_every=args.warm,
-            eval_every=10**9,
+            eval_every=0,  # no evaluation renders: they are not training
             checkpoint_every=10**9,
             gradient_checkpointing=args.gradient_checkpointing,
             device=args.device,

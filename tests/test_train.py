@@ -5,14 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from backend import train as train_module
 from backend.cli import main
 from backend.data.sources import folder_viewsets, synthetic_viewset
 from backend.data.synthetic import write_synthetic_bundle
@@ -22,7 +27,7 @@ from backend.model.config import CONFIGS
 from backend.model.losses import LossConfig
 from backend.model.lsrm import LSRM
 from backend.render import RenderOptions
-from backend.train import batch_loss, trainable
+from backend.train import TrainConfig, batch_loss, trainable
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny run: 2 objects of 3-4 inputs and 2 targets at 32 px, 128 rays each.
@@ -148,6 +153,36 @@ def test_ddp_with_two_gloo_processes(tmp_path) -> None:
     assert [r["step"] for r in steps] == [1, 2] and all(r["ranks"] == 2 for r in steps)
     assert any("eval_psnr" in r for r in log) and (tmp_path / "run" / "eval" / "step_000002.png").is_file()
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
+
+
+def test_ranks_that_started_at_different_times_plan_the_same_number_of_steps(tmp_path) -> None:
+    """--steps 0 under torchrun: every rank must stop at the same step, or the last collective waits forever.
+
+    Run 5 on four H200s hung after its last step this way: each rank measured the time left on its own clock.
+    """
+    with socket.socket() as probe:  # a free port on the loopback for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_plan_steps, args=(port, tmp_path), nprocs=2, join=True)
+    planned = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert planned[0] == planned[1]
+    # what one process with the slowest steps and the least time left plans (apart, the two plan 291 and 253)
+    alone = train_module.Process(0, 1, torch.device("cpu"))
+    config = TrainConfig(tmp_path, time_limit=150.0)
+    assert planned[0] == train_module._fit_steps([0.5] * 25, config, alone, time.perf_counter())
+
+
+def _plan_steps(rank: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        process = train_module.Process(rank, 2, torch.device("cpu"))
+        started = time.perf_counter() - 20.0 * rank  # rank 1 started 20 s earlier, so it has less left
+        step_times = [0.5 if rank else 0.4] * 25  # and its steps were slower
+        total = train_module._fit_steps(step_times, TrainConfig(out, time_limit=170.0), process, started)
+        (out / f"rank{rank}.json").write_text(json.dumps(total))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_single_process_refuses_a_sequence_parallel_group(tmp_path, capsys) -> None:
