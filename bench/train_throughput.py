@@ -101,6 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
         "tokens_per_s": round(mean["tokens_per_s"], 1),
         "data_fraction": measured[-1]["data_fraction"],
         "peak_memory_gib": measured[-1].get("peak_memory_gib"),
+        "sequence_share": measured[-1].get("sequence_share"),  # the main rank's share of stage-2 tokens
         "steps_measured": args.steps,
         "device": device_report(device or torch.device("cpu")),
     }

@@ -10,8 +10,9 @@
 #   scripts/train_gpu.sh colour [CHECKPOINT]  # ~1 min: does the model see colour? (bench/colour_response.py on
 #                                           # $OUT/stage1/model.safetensors by default; `train` runs it at the end)
 #
-# PREFETCH=N (default 0) renders the scene pool's next N objects in a background process per GPU
-# (`train --prefetch`, docs/TRAINING.md); the scaling files then end in _prefetchN.
+# PREFETCH=N (default 3) renders the scene pool's next N objects in a background process per GPU
+# (`train --prefetch`, docs/TRAINING.md: 1.2-1.27x on H200s); PREFETCH=0 renders inline. The scaling
+# files end in _prefetchN when N > 0.
 # SP=N (default 1): `stage2` runs sequence-parallel over groups of N GPUs that share each batch.
 #
 # Outputs go under $OUT (default out/gpu): bench/*.json, stage1/ and stage2/ run folders (weights,
@@ -23,7 +24,7 @@ OUT=${OUT:-out/gpu}
 MODE=${1:-train}
 SECONDS_LIMIT=${2:-540}
 INIT=${3:-}
-PREFETCH=${PREFETCH:-0}
+PREFETCH=${PREFETCH:-3}
 SP=${SP:-1}
 if [ -d .whl ] && ! python -c "import safetensors, OpenEXR, PIL, psutil" 2>/dev/null; then
     python -m pip install --quiet --no-index --no-deps .whl/*.whl
