@@ -11,7 +11,7 @@
 #                                           # $OUT/stage1/model.safetensors by default; `train` runs it at the end)
 #
 # PREFETCH=N (default 3) renders the scene pool's next N objects in a background process per GPU
-# (`train --prefetch`, docs/TRAINING.md: 1.2-1.27x on H200s); PREFETCH=0 renders inline. The scaling
+# (`train --prefetch`, docs/TRAINING.md: 1.16-1.27x on H200s); PREFETCH=0 renders inline. The scaling
 # files end in _prefetchN when N > 0.
 # SP=N (default 1): `stage2` runs sequence-parallel over groups of N GPUs that share each batch.
 #
