@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ import torch
 
 from backend.colour import linear_to_srgb
 from backend.data.sources import ground_truth_options, synthetic_viewset
-from backend.data.views import EnvironmentBank, sample_batch
+from backend.data.views import EnvironmentBank, ViewSet, sample_batch
 from backend.device import pick_device
+from backend.field import GridField
 from backend.model.checkpoint import load_checkpoint
 from backend.model.config import CONFIGS
 from backend.model.losses import surface_points
@@ -50,18 +52,26 @@ def fit(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure(model: LSRM, objects: int, inputs: int, stages: int, device: torch.device) -> dict:
-    size = model.config.image_size
+def held_out_fields(
+    model: LSRM, objects: int, inputs: int, stages: int, device: torch.device, generator: torch.Generator
+) -> Iterator[tuple[int, ViewSet, GridField]]:
+    """Per held-out procedural object: its seed, its views (`inputs` at the model's image size under a studio
+    world) and the field the model predicts from them."""
     bank = EnvironmentBank(("studio",), device)
     options = ground_truth_options(device)
-    generator = torch.Generator().manual_seed(0)
-    rows = []
     for seed in range(FIRST_SEED, FIRST_SEED + objects):
-        viewset = synthetic_viewset(seed, inputs, size, bank, device, options)
+        viewset = synthetic_viewset(seed, inputs, model.config.image_size, bank, device, options)
         batch = sample_batch([viewset], inputs, 0, model.config.background, generator)
-        points = surface_points(viewset.truth, torch.rand(8192, 3, generator=generator).to(device) * 2 - 1)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             field = model(batch.views, stages=stages).fields[0].detached()
+        yield seed, viewset, field
+
+
+def measure(model: LSRM, objects: int, inputs: int, stages: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for seed, viewset, field in held_out_fields(model, objects, inputs, stages, device, generator):
+        points = surface_points(viewset.truth, torch.rand(8192, 3, generator=generator).to(device) * 2 - 1)
         with torch.no_grad():
             predicted = linear_to_srgb(field(points).albedo)
             true = linear_to_srgb(viewset.truth(points).albedo)

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from a checkout
 
 import torch
 
-from backend.data.sources import ground_truth_options, synthetic_viewset
-from backend.data.views import EnvironmentBank, sample_batch
 from backend.device import pick_device
 from backend.field import voxel_centres
 from backend.model.checkpoint import load_checkpoint
 from backend.model.lsrm import LSRM
-
-FIRST_SEED = 500_000  # held out, as in bench/colour_response.py
+from bench.colour_response import held_out_fields
 
 
 def seam_ratio(sdf: torch.Tensor, near: torch.Tensor, upsample: int) -> float:
@@ -63,15 +63,9 @@ def measure(model: LSRM, objects: int, inputs: int, device: torch.device) -> dic
     resolution = config.volume_tokens * config.upsample
     axis = torch.arange(resolution, device=device)
     centres = voxel_centres(torch.cartesian_prod(axis, axis, axis), resolution)  # x-major, as the volume
-    bank = EnvironmentBank(("studio",), device)
-    options = ground_truth_options(device)
-    generator = torch.Generator().manual_seed(0)
     rows = []
-    for seed in range(FIRST_SEED, FIRST_SEED + objects):
-        viewset = synthetic_viewset(seed, inputs, config.image_size, bank, device, options)
-        batch = sample_batch([viewset], inputs, 0, config.background, generator)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            field = model(batch.views, stages=1).fields[0].detached()
+    generator = torch.Generator().manual_seed(0)
+    for seed, viewset, field in held_out_fields(model, objects, inputs, 1, device, generator):
         with torch.no_grad():
             predicted = field.sdf(centres).reshape(resolution, resolution, resolution)
             true = viewset.truth.sdf(centres).reshape(resolution, resolution, resolution)
