@@ -99,8 +99,9 @@ def main() -> None:
     results = {}
     columns = ("seam_ratio", "true_seam_ratio", "bias_voxels", "error_voxels", "periodic_error_voxels")
     print(f"{'checkpoint':<40} " + " ".join(f"{c:>21}" for c in columns))
-    for path in args.checkpoints:
-        result = measure(load_checkpoint(path, device).eval(), args.objects, args.inputs, device)
+    models = {path: load_checkpoint(path, device) for path in args.checkpoints}  # a bad path fails before any work
+    for path, model in models.items():
+        result = measure(model, args.objects, args.inputs, device)
         results[str(path)] = result
         print(f"{path.name:<40} " + " ".join(f"{result['mean_' + c]:>21.2f}" for c in columns))
     args.out.parent.mkdir(parents=True, exist_ok=True)
